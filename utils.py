@@ -1,0 +1,357 @@
+"""Shared utilities: evaluation metrics, distributed helpers, seeding and logging.
+
+Metrics follow the reference ``test.py`` exactly (data-train-eval.md §d):
+
+* per (ref, sentence) pair, on the evaluation grid: ``I = |pred ∧ gt|``, ``U = |pred ∨ gt|``,
+  ``iou = I / U`` and ``iou = 0`` when ``U == 0``;
+* overall IoU = ``ΣI / ΣU``; mean IoU = mean of the per-pair ``iou``;
+* precision@t = fraction of pairs with ``iou >= t`` for t in 0.5 … 0.9.
+
+All sums are kept as tensors on the evaluation device (no host synchronisation per batch) and can
+be all-reduced across ranks. Values are returned as fractions in [0, 1]; the paper-style table
+prints them as percentages.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PRECISION_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+def intersection_union(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample intersection and union of binary masks.
+
+    Args:
+        pred: (B, H, W) predicted mask (bool or 0/1 integers).
+        gt: (B, H, W) ground-truth mask (bool or 0/1 integers).
+    Returns:
+        ``(I, U)``, each int64 of shape (B,).
+    """
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != ground-truth shape {tuple(gt.shape)}")
+    p = pred.bool().flatten(1)
+    g = gt.bool().flatten(1)
+    inter = (p & g).sum(1)
+    union = (p | g).sum(1)
+    return inter, union
+
+
+def sample_iou(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """IoU per sample with the reference rule ``iou = 0`` when the union is empty."""
+    inter = inter.double()
+    union = union.double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+class SegMetrics:
+    """Accumulates the reference metrics over batches, optionally per category.
+
+    ``update`` takes predictions and ground truths of shape (B, H, W); it keeps running sums on the
+    tensors' device. ``all_reduce`` sums them over the distributed group, ``summary`` returns the
+    numbers as a plain dict.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        # [ΣI, ΣU, Σiou, count, prec@0.5 … prec@0.9]
+        self._totals = torch.zeros(4 + len(PRECISION_THRESHOLDS), dtype=torch.float64, device=self.device)
+        self._per_cat: dict[str, torch.Tensor] = {}
+
+    def _row(self, inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+        iou = sample_iou(inter, union)
+        thr = torch.tensor(PRECISION_THRESHOLDS, dtype=torch.float64, device=iou.device)
+        prec = (iou[:, None] >= thr[None, :]).double().sum(0)
+        head = torch.stack([inter.double().sum(), union.double().sum(), iou.sum(),
+                            torch.tensor(float(iou.numel()), dtype=torch.float64, device=iou.device)])
+        return torch.cat([head, prec])
+
+    def update(self, pred: torch.Tensor, gt: torch.Tensor, categories: Sequence[str] | None = None) -> torch.Tensor:
+        """Add a batch; returns the per-sample IoU (float64, on the device) for callers that log it."""
+        inter, union = intersection_union(pred, gt)
+        self._totals += self._row(inter, union).to(self.device)
+        if categories is not None:
+            for cat in sorted(set(categories)):
+                if not cat:
+                    continue
+                sel = torch.tensor([c == cat for c in categories], device=inter.device)
+                row = self._row(inter[sel], union[sel]).to(self.device)
+                if cat not in self._per_cat:
+                    self._per_cat[cat] = torch.zeros_like(row)
+                self._per_cat[cat] += row
+        return sample_iou(inter, union)
+
+    def all_reduce(self) -> None:
+        """Sum the accumulated counts over all ranks (no-op without torch.distributed)."""
+        if not is_dist():
+            return
+        dist.all_reduce(self._totals)
+        # Categories may differ between ranks: agree on the union of names first.
+        names = sorted(self._per_cat)
+        gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, names)
+        all_names = sorted({n for part in gathered for n in part})
+        for n in all_names:
+            if n not in self._per_cat:
+                self._per_cat[n] = torch.zeros_like(self._totals)
+            dist.all_reduce(self._per_cat[n])
+
+    @staticmethod
+    def _summarise(row: torch.Tensor) -> dict[str, float]:
+        v = row.tolist()
+        cum_i, cum_u, sum_iou, count = v[:4]
+        out = {f"P@{t}": (v[4 + k] / count if count else 0.0) for k, t in enumerate(PRECISION_THRESHOLDS)}
+        out["oIoU"] = cum_i / cum_u if cum_u else 0.0
+        out["mIoU"] = sum_iou / count if count else 0.0
+        out["num_samples"] = int(count)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Plain dict: ``P@0.5`` … ``P@0.9``, ``oIoU``, ``mIoU`` (fractions), ``num_samples``, ``per_category``."""
+        out: dict[str, Any] = self._summarise(self._totals)
+        out["per_category"] = {
+            name: {k: s[k] for k in ("oIoU", "mIoU", "num_samples")}
+            for name, s in ((n, self._summarise(r)) for n, r in sorted(self._per_cat.items()))
+        }
+        return out
+
+
+def format_results_table(summary: dict[str, Any], title: str = "") -> str:
+    """Paper-style table (percentages, two decimals), plus per-category IoU when present."""
+    keys = [f"P@{t}" for t in PRECISION_THRESHOLDS] + ["oIoU", "mIoU"]
+    head = " | ".join(f"{k:>7}" for k in keys)
+    vals = " | ".join(f"{100 * summary[k]:7.2f}" for k in keys)
+    lines = []
+    if title:
+        lines.append(title)
+    lines += [head, "-" * len(head), vals, f"({summary['num_samples']} samples)"]
+    per_cat = summary.get("per_category") or {}
+    if per_cat:
+        width = max(len(n) for n in per_cat)
+        lines.append("")
+        lines.append(f"{'category':<{width}} | {'oIoU':>7} | {'mIoU':>7} | {'samples':>7}")
+        for name, s in per_cat.items():
+            lines.append(f"{name:<{width}} | {100 * s['oIoU']:7.2f} | {100 * s['mIoU']:7.2f} | {s['num_samples']:7d}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    """Where this process runs: rank, world size, local rank and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """``cuda``/``cuda:N``/``cpu``; ``None`` or ``auto`` picks CUDA when available."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Initialise torch.distributed from torchrun's environment, or fall back to one process.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (set by torchrun, and by the legacy launcher
+    together with ``--local_rank``). Uses NCCL on GPUs and gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        # One GPU per process: the local rank picks it, whatever index --device named.
+        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not is_dist():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://",
+                                  "timeout": datetime.timedelta(minutes=30)}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def cleanup_distributed() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (returns a new tensor; the input is left unchanged)."""
+    out = value.detach().clone()
+    if is_dist():
+        dist.all_reduce(out)
+        out /= get_world_size()
+    return out
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Sequential evaluation sampler that splits indices ``rank::world`` without padding.
+
+    Unlike ``DistributedSampler`` it never repeats samples, so summed metrics stay exact.
+    """
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeding and RNG state
+# --------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """All RNG states as plain data / tensors (safe for ``torch.load(weights_only=True)``)."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), npst[2], npst[3], npst[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+class SmoothedValue:
+    """Running window median/average of a scalar, as the reference MetricLogger keeps it."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self.values: list[float] = []
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.values.append(value)
+        if len(self.values) > self.window:
+            self.values.pop(0)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.values)) if self.values else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+
+class MetricLogger:
+    """Named smoothed scalars with a compact ``str`` for progress bars and logs."""
+
+    def __init__(self) -> None:
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+
+    def update(self, **values: float) -> None:
+        for k, v in values.items():
+            self.meters[k].update(float(v))
+
+    def averages(self) -> dict[str, float]:
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+    def __str__(self) -> str:
+        return "  ".join(f"{k}: {m.avg:.4g}" for k, m in self.meters.items())
+
+
+def progress(iterable: Iterable, enabled: bool = True, **kwargs: Any):
+    """tqdm progress bar on the main process only (plain iterable elsewhere)."""
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)
+
+
+class JsonlLogger:
+    """Appends one JSON object per line (epoch logs, benchmark results)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
