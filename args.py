@@ -1,0 +1,178 @@
+"""Every command-line flag of train.py, test.py and demo.py, defined in one place.
+
+The original repositories' flag names and meanings are kept (LAVT / RMSIN / FIANet ``args.py``), so
+their README commands run unchanged apart from the launcher (``torchrun`` instead of
+``python -m torch.distributed.launch``; ``--local_rank`` / ``--local-rank`` are accepted and
+ignored). Flags whose reference default depends on the model or dataset (lr, epochs, batch size,
+``--num_tmem``, the token limit) default to ``None`` here and are filled in by ``resolve`` from
+``RECIPES``: the settings of the original READMEs.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# Reference training recipes (data-train-eval.md §c.1; RMSIN/FIANet/LAVT READMEs).
+# Keys: (model, dataset) with dataset "*" as the fallback.
+RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    ("lavt", "*"): {"lr": 5e-5, "epochs": 40, "batch_size": 8, "max_tokens": 20},
+    ("lavt_one", "*"): {"lr": 5e-5, "epochs": 40, "batch_size": 8, "max_tokens": 20},
+    ("rmsin", "*"): {"lr": 3e-5, "epochs": 40, "batch_size": 2, "max_tokens": 20},
+    ("fianet", "rrsisd"): {"lr": 3e-5, "epochs": 40, "batch_size": 8, "num_tmem": 3, "max_tokens": 22},
+    ("fianet", "*"): {"lr": 5e-5, "epochs": 60, "batch_size": 8, "num_tmem": 1, "max_tokens": 20},
+}
+FALLBACK_RECIPE: dict[str, Any] = {"lr": 5e-5, "epochs": 40, "batch_size": 8, "num_tmem": 1, "max_tokens": 20}
+
+DATASETS = ("rrsisd", "refsegrs")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="model name (lavt, lavt_one, fianet, ...); default: taken from --model_id when it names "
+                        "a model (FIANet, RMSIN), else from the checkpoint (test/demo), else fianet")
+    g.add_argument("--model_id", default="FIANet", help="name tag of the checkpoint files")
+    g.add_argument("--swin_type", default="base", choices=["tiny", "small", "base", "large"])
+    g.add_argument("--window12", action="store_true", help="use window size 12 (needed at test time)")
+    g.add_argument("--mha", default="", help="PWAM heads per stage 'a-b-c-d' (empty: 1-1-1-1)")
+    g.add_argument("--fusion_drop", default=0.0, type=float, help="dropout in the language fusion modules")
+    g.add_argument("--num_tmem", default=None, type=int, help="FIANet TMEM blocks (reference: 1 RefSegRS, 3 RRSIS-D)")
+    g.add_argument("--img_size", default=480, type=int, help="square input size")
+    g.add_argument("--swin_embed_dim", default=None, type=int, help="override the Swin width (small test models)")
+    g.add_argument("--swin_depths", default=None, help="override Swin depths, e.g. 2-2-2-2")
+    g.add_argument("--swin_heads", default=None, help="override Swin heads per stage, e.g. 1-2-4-8")
+    g.add_argument("--window_size", default=None, type=int, help="explicit Swin window size (overrides --window12)")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing in the Swin stages")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    g = p.add_argument_group("weights")
+    g.add_argument("--bert_tokenizer", default="./pretrained_weights/bert-base-uncased",
+                   help="local folder with vocab.txt")
+    g.add_argument("--ck_bert", default="./pretrained_weights/bert-base-uncased",
+                   help="local BERT folder (config.json, optional weights)")
+    g.add_argument("--pretrained_swin_weights", default="",
+                   help="official Swin checkpoint (its file name decides window 12, as in the original)")
+    g.add_argument("--ddp_trained_weights", action="store_true",
+                   help="lavt variant: the BERT weights were saved without the pooler")
+    g.add_argument("--resume", default="", help="checkpoint to resume (train) or evaluate (test)")
+    g.add_argument("--non_strict", action="store_true",
+                   help="allow a partial checkpoint load (the missing/unexpected keys are printed)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="rrsisd", help=f"one of {', '.join(DATASETS)}")
+    g.add_argument("--refer_data_root", default="./refer/data/", help="dataset root folder")
+    g.add_argument("--splitBy", default="unc", help="REFER split file refs(<splitBy>).p")
+    g.add_argument("--split", default="test", help="split evaluated by test.py")
+    g.add_argument("--max_tokens", default=None, type=int,
+                   help="token limit (reference: 22 for FIANet on RRSIS-D, else 20)")
+    g.add_argument("--eval_protocol", default="all", choices=["all", "one-per-ref"],
+                   help="evaluate every sentence of every ref, or one seeded random sentence per ref (FIANet)")
+    g.add_argument("--cache_dir", default=None, help="where token ids and word masks are cached")
+    g.add_argument("-j", "--workers", default=4, type=int, help="DataLoader workers")
+    g.add_argument("--pin_mem", action="store_true", help="DataLoader pin_memory")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision")
+    g.add_argument("--seed", default=2401, type=int, help="random seed (the references use 2401)")
+    g.add_argument("--output-dir", "--output_dir", dest="output_dir", default="./checkpoints/",
+                   help="checkpoints, logs and args.json")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <output-dir>/tb)")
+    g.add_argument("--print-freq", "--print_freq", dest="print_freq", default=10, type=int,
+                   help="log (and check the loss for NaN) every N steps")
+    g.add_argument("--eval_batch_size", default=8, type=int, help="batch size of validation / test")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", default=None, type=int,
+                   help="accepted for the legacy launcher and ignored (torchrun sets LOCAL_RANK)")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The parser shared by train.py and test.py."""
+    p = argparse.ArgumentParser(description="OpenRRSIS training and evaluation", allow_abbrev=False)
+    _add_common(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", default=None, type=int, help="epochs (reference recipe per model/dataset)")
+    g.add_argument("--lr", default=None, type=float, help="learning rate (reference recipe per model/dataset)")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-2, type=float, help="weight decay")
+    g.add_argument("--amsgrad", action="store_true", help="AdamW amsgrad")
+    g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=None, type=int,
+                   help="batch size per process (reference recipe per model)")
+    g.add_argument("--val_split", default="val",
+                   help="split validated after every epoch for best-checkpoint selection "
+                        "(the FIANet reference used 'test')")
+    g.add_argument("--max_steps", default=None, type=int,
+                   help="stop each epoch after N steps (quick experiments)")
+    g.add_argument("--time_limit", default=None, type=float,
+                   help="stop training after this many minutes (checkpoint kept, resumable)")
+    g.add_argument("--no_val", action="store_true", help="skip the per-epoch validation")
+    g = p.add_argument_group("evaluation outputs")
+    g.add_argument("--save_json", default=None, help="test.py: write the metrics to this JSON file")
+    g.add_argument("--save_masks", default=None, help="test.py: write every predicted mask (PNG) here")
+    g.add_argument("--vis", default=0, type=int, help="test.py: write N overlay images (image | truth | prediction)")
+    return p
+
+
+def get_demo_parser() -> argparse.ArgumentParser:
+    """demo.py: one image, one or more sentences."""
+    p = argparse.ArgumentParser(description="Segment the object a sentence refers to", allow_abbrev=False)
+    p.add_argument("--resume", required=True, help="checkpoint (ours, or an original one with --model ...)")
+    p.add_argument("--img", required=True, help="input image")
+    p.add_argument("--text", action="append", required=True, help="referring sentence (repeat for several)")
+    p.add_argument("--out", default="./demo_out", help="output folder")
+    p.add_argument("--bert_tokenizer", default=None, help="tokenizer folder (default: the one used in training)")
+    p.add_argument("--ck_bert", default=None, help="BERT folder (original checkpoints only)")
+    p.add_argument("--model", default=None, help="model name (original checkpoints only)")
+    p.add_argument("--dataset", default=None, help="class vocabulary for FIANet word masks (rrsisd/refsegrs)")
+    p.add_argument("--num_tmem", default=None, type=int)
+    p.add_argument("--window12", action="store_true")
+    p.add_argument("--swin_type", default="base", choices=["tiny", "small", "base", "large"])
+    p.add_argument("--img_size", default=None, type=int)
+    p.add_argument("--max_tokens", default=None, type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    return p
+
+
+def resolve_model_name(args: argparse.Namespace, available: list[str]) -> str | None:
+    """--model, else --model_id when it names a registered model (RMSIN, FIANet), else None."""
+    if args.model:
+        if args.model not in available:
+            raise ValueError(f"--model {args.model!r} is not a registered model; choose one of {', '.join(available)}")
+        return args.model
+    mid = (getattr(args, "model_id", "") or "").lower()
+    return mid if mid in available else None
+
+
+def recipe(model: str, dataset: str) -> dict[str, Any]:
+    return dict(RECIPES.get((model, dataset)) or RECIPES.get((model, "*")) or FALLBACK_RECIPE)
+
+
+def resolve(args: argparse.Namespace, model: str) -> argparse.Namespace:
+    """Fill flags left at ``None`` from the model/dataset recipe; validate the rest."""
+    if args.dataset not in DATASETS:
+        raise ValueError(f"--dataset {args.dataset!r} is not supported; choose one of {', '.join(DATASETS)}")
+    args.model = model
+    for key, value in recipe(model, args.dataset).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if getattr(args, "num_tmem", None) is None:
+        args.num_tmem = 1
+    if getattr(args, "num_tmem", 1) < 1:
+        raise ValueError(f"--num_tmem must be >= 1, got {args.num_tmem}")
+    if args.mha:
+        parts = args.mha.split("-")
+        if len(parts) != 4 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            raise ValueError(f"--mha {args.mha!r}: expected four positive integers like 4-4-4-4")
+    return args
+
+
+def parse_int_list(text: str | None, flag: str) -> list[int] | None:
+    """'2-2-6-2' -> [2, 2, 6, 2] (None stays None)."""
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in str(text).replace(",", "-").split("-") if x != ""]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected integers separated by '-'") from None
+    if len(values) != 4:
+        raise ValueError(f"{flag} {text!r}: expected four values, one per Swin stage")
+    return values
