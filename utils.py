@@ -355,3 +355,54 @@ class JsonlLogger:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures: masks over images
+# --------------------------------------------------------------------------------------------
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) normalised tensor -> (H, W, 3) uint8 picture."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    pic = (image.detach().float().cpu() * std + mean).clamp(0, 1)
+    return (pic.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def mask_contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """Boolean outline of a binary mask (pixels of the mask whose neighbourhood leaves it)."""
+    from scipy import ndimage
+
+    m = mask.astype(bool)
+    if not m.any():
+        return m
+    inner = ndimage.binary_erosion(m, iterations=width, border_value=0)
+    return m & ~inner
+
+
+def overlay(picture: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 40, 40),
+            alpha: float = 0.45, contour: bool = True) -> np.ndarray:
+    """Tint ``mask`` over an (H, W, 3) uint8 picture and draw its contour."""
+    out = picture.astype(np.float32).copy()
+    m = mask.astype(bool)
+    col = np.array(color, dtype=np.float32)
+    out[m] = (1 - alpha) * out[m] + alpha * col
+    if contour:
+        width = max(1, round(min(mask.shape) / 160))
+        out[mask_contour(m, width)] = col
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def side_by_side(*pictures: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Concatenate equally tall (H, W, 3) pictures horizontally with a white gap."""
+    h = pictures[0].shape[0]
+    spacer = np.full((h, gap, 3), 255, dtype=np.uint8)
+    parts: list[np.ndarray] = []
+    for k, pic in enumerate(pictures):
+        if k:
+            parts.append(spacer)
+        parts.append(pic)
+    return np.concatenate(parts, axis=1)

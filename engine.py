@@ -1,0 +1,243 @@
+"""What train.py, test.py and demo.py share: building a model from flags or from a checkpoint,
+building datasets, moving a batch to the model, and the batched evaluation loop.
+
+Every entry point builds models through ``lib.registry`` and loads weights through
+``lib.checkpoint``, so they cannot disagree on how a checkpoint is read.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+import utils
+from args import parse_int_list
+from lib import checkpoint as ckpt_lib
+from lib import registry
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+def swin_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Tiny-model overrides from --swin_embed_dim / --swin_depths / --swin_heads."""
+    out: dict[str, Any] = {}
+    if getattr(args, "swin_embed_dim", None):
+        out["embed_dim"] = int(args.swin_embed_dim)
+    depths = parse_int_list(getattr(args, "swin_depths", None), "--swin_depths")
+    heads = parse_int_list(getattr(args, "swin_heads", None), "--swin_heads")
+    if depths:
+        out["depths"] = depths
+    if heads:
+        out["num_heads"] = heads
+    return out or None
+
+
+def window_size_from_args(args: argparse.Namespace) -> int | None:
+    if getattr(args, "window_size", None):
+        return int(args.window_size)
+    if getattr(args, "window12", False):
+        return 12
+    return None  # registry applies the reference rule (file name of the Swin weights, else 7)
+
+
+def bert_folder(path: str, flag: str = "--ck_bert") -> str:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{flag} {path}: no config.json there (expected a local BERT folder, "
+                        f"e.g. ./pretrained_weights/bert-base-uncased)")
+    return str(folder)
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The model config (plain data) that the flags describe."""
+    return registry.model_config(
+        args.model,
+        swin_type=args.swin_type,
+        window_size=window_size_from_args(args),
+        pretrained_swin=args.pretrained_swin_weights or "",
+        img_size=args.img_size,
+        mha=args.mha,
+        fusion_drop=args.fusion_drop,
+        num_tmem=args.num_tmem,
+        bert=bert_folder(args.ck_bert),
+        swin_overrides=swin_overrides(args),
+    )
+
+
+def has_bert_weights(folder: str) -> bool:
+    return any((Path(folder) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def load_pretrained_bert(model: nn.Module, folder: str) -> None:
+    """Copy Hugging Face BERT weights from a local folder into ``model.text_encoder`` (strict, pooler dropped)."""
+    from transformers import BertModel
+
+    hf = BertModel.from_pretrained(folder, add_pooling_layer=False, local_files_only=True)
+    state = {k: v for k, v in hf.state_dict().items() if not k.startswith("pooler.")}
+    ckpt_lib.load_model_state(model.text_encoder, state, strict=True)
+
+
+def checkpoint_model_name(ckpt: dict[str, Any]) -> str | None:
+    cfg = ckpt.get("config")
+    return cfg.get("model") if isinstance(cfg, dict) else None
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint file safely (weights_only with an allow-list); one-line errors."""
+    if not path:
+        raise UserError("--resume: no checkpoint given (pass --resume PATH)")
+    if not Path(path).is_file():
+        raise UserError(f"--resume {path}: file not found")
+    try:
+        ckpt = ckpt_lib.safe_torch_load(path)
+    except Exception as e:  # corrupt or hostile file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--resume {path}: cannot be read ({msg})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"--resume {path}: not a checkpoint dictionary")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str, args: argparse.Namespace | None = None, *,
+                          strict: bool = True) -> nn.Module:
+    """Build the model a checkpoint holds: ours (config inside) or an original one (config from flags).
+
+    Raises ``UserError`` with one line for a checkpoint of another model than ``--model`` or a key
+    mismatch (e.g. a wrong ``--num_tmem`` or window size).
+    """
+    requested = getattr(args, "model", None) if args is not None else None
+    stored = checkpoint_model_name(ckpt)
+    if stored is not None:
+        if requested and requested != stored:
+            raise UserError(f"--resume {path} holds a '{stored}' model, but --model {requested} was given")
+        config = ckpt["config"]
+    else:
+        if args is None or not requested:
+            raise UserError(f"--resume {path} is not an OpenRRSIS checkpoint (no config inside): "
+                            f"pass --model and the model flags it was trained with")
+        config = config_from_args(args)
+    model = registry.build_model(config)
+    try:
+        state = ckpt_lib.extract_state_dict(ckpt)
+        report = ckpt_lib.load_model_state(model, state, strict=strict)
+    except ckpt_lib.CheckpointMismatchError as e:
+        first = str(e).strip().splitlines()
+        hint = " (check --num_tmem, --window12, --swin_type and --model)" if stored is None else ""
+        raise UserError(f"--resume {path} does not match the model{hint}: " + " | ".join(first[:6])) from None
+    if not strict and utils.is_main_process():
+        print(report)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def build_dataset(args: argparse.Namespace, split: str, mode: str, eval_protocol: str = "all"):
+    from data import datasets
+
+    kwargs: dict[str, Any] = dict(img_size=args.img_size, max_tokens=args.max_tokens, mode=mode,
+                                  eval_protocol=eval_protocol, seed=args.seed, cache_dir=args.cache_dir)
+    if args.dataset == "rrsisd":
+        kwargs["splitBy"] = args.splitBy
+    try:
+        ds = datasets.build_dataset(args.dataset, args.refer_data_root, split, args.bert_tokenizer, **kwargs)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise UserError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+    if len(ds) == 0:
+        raise UserError(f"--split {split}: no samples in {args.refer_data_root} for dataset {args.dataset}")
+    return ds
+
+
+def eval_loader(ds, batch_size: int, workers: int, pin: bool, info: utils.DistInfo) -> torch.utils.data.DataLoader:
+    sampler = utils.ShardSampler(len(ds), info.rank, info.world_size)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=pin, drop_last=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes
+# --------------------------------------------------------------------------------------------
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 / fp16 autocast on the device, or nothing for ``--amp off``."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def uses_word_masks(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return bool(getattr(inner, "uses_word_masks", False))
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device, word_masks: bool) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a model's forward, moved to ``device``."""
+    keys = ("image", "text", "l_mask") + (("t_mask", "p_mask") if word_masks else ())
+    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+
+
+OnBatch = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], None]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: str = "off",
+             on_batch: OnBatch | None = None, show_progress: bool = True, desc: str = "eval") -> dict[str, Any]:
+    """Reference metrics over a loader (batched; sums stay on the device; reduced over ranks).
+
+    ``on_batch(batch, pred, iou)`` receives every batch's predictions (B, H, W) and per-sample IoUs,
+    e.g. to save masks or overlays.
+    """
+    model.eval()
+    metrics = utils.SegMetrics(device)
+    word_masks = uses_word_masks(model)
+    for batch in utils.progress(loader, enabled=show_progress and utils.is_main_process(), desc=desc, leave=False):
+        with autocast(device, amp):
+            logits = model(**model_inputs(batch, device, word_masks))
+        # argmax over the two classes; ties go to background as in the reference.
+        pred = logits.float().argmax(1)
+        gt = batch["target"].to(device, non_blocking=True)
+        iou = metrics.update(pred, gt, list(batch.get("category", [])) or None)
+        if on_batch is not None:
+            on_batch(batch, pred, iou)
+    metrics.all_reduce()
+    return metrics.summary()
+
+
+def cli_main(fn: Callable[[], int | None]) -> None:
+    """Run an entry point: user errors become one line on stderr and exit code 2."""
+    import sys
+
+    try:
+        code = fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ckpt_lib.CheckpointMismatchError as e:
+        print("error: " + " | ".join(str(e).strip().splitlines()[:6]), file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        utils.cleanup_distributed()
+    sys.exit(code or 0)
+
+
+def iter_chunks(seq: list, size: int) -> Iterator[list]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
