@@ -1,0 +1,322 @@
+"""The one checkpoint loader of the project (train.py, test.py, demo.py, tools, tests).
+
+* `safe_torch_load` — ``torch.load(weights_only=True)`` with ``argparse.Namespace`` allow-listed
+  (original checkpoints pickle their args); anything else that is not plain data is refused.
+* `extract_state_dict` — original layouts: ``{'model': ...}`` (+ ``'bert_model'`` of the two-part
+  ``lavt`` variant, merged under ``text_encoder.``), ``{'state_dict': ...}``, raw state_dicts,
+  ``module.`` prefixes, pooler keys dropped.
+* `load_model_state` — STRICT by default; on mismatch raises `CheckpointMismatchError` with a
+  readable report. ``strict=False`` loads what matches and prints the report.
+* `load_swin_pretrained` — official Swin ImageNet checkpoints into the backbone (lavt.md §8).
+* `save_checkpoint` (atomic) / `load_our_checkpoint` (rebuild from the stored plain config).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BERT_PREFIX = "text_encoder."
+# Buffers that old files may hold and that are recomputed by our modules.
+_DERIVED_BUFFER_SUFFIXES = (".attn_mask", "embeddings.position_ids", "embeddings.token_type_ids")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or dict that cannot be used."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """Strict load failed; the message is the key report."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """Load a checkpoint with ``weights_only=True`` (tensors, plain containers, argparse.Namespace)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointNotFoundError(f"checkpoint not found: {p}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "Unsupported global" in msg or "Weights only load failed" in msg:
+            first = next((line.strip() for line in msg.splitlines() if "Unsupported global" in line), msg.splitlines()[0])
+            raise CheckpointError(
+                f"{p}: refused to load, it contains pickled objects other than tensors and plain containers "
+                f"({first}); only weights-only checkpoints are accepted") from None
+        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({msg.splitlines()[0] if msg else exc!r})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        line = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint (corrupt or truncated: {line})") from None
+
+
+def _strip_prefix(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _check_tensors(sd: Mapping[str, Any], where: str) -> None:
+    bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{where}: entries that are not tensors: {', '.join(map(str, bad[:5]))}"
+                              + (" ..." if len(bad) > 5 else ""))
+
+
+def extract_state_dict(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """State dict of our key layout from any supported checkpoint layout.
+
+    ``{'model': sd, 'bert_model': bert_sd}`` (two-part ``lavt``: BERT keys get ``text_encoder.``),
+    ``{'model': sd}``, ``{'state_dict': sd}``, or ``sd`` itself; ``module.`` prefixes (DDP) are
+    removed; ``pooler.*`` keys are dropped (the originals set the pooler to None).
+    """
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"checkpoint must be a dict, got {type(ckpt).__name__}")
+    if isinstance(ckpt.get("model"), Mapping):
+        sd = _strip_prefix(ckpt["model"], "module.")
+        bert = ckpt.get("bert_model")
+        if isinstance(bert, Mapping):
+            for k, v in _strip_prefix(bert, "module.").items():
+                sd[BERT_PREFIX + k] = v
+    elif isinstance(ckpt.get("state_dict"), Mapping):
+        sd = _strip_prefix(ckpt["state_dict"], "module.")
+    else:
+        sd = _strip_prefix(ckpt, "module.")
+    sd = {k: v for k, v in sd.items() if not (k.startswith("pooler.") or k.startswith(BERT_PREFIX + "pooler."))}
+    _check_tensors(sd, "state_dict")
+    return sd
+
+
+def split_lavt_checkpoint(state_dict: Mapping[str, torch.Tensor], bert_prefix: str = BERT_PREFIX) -> dict[str, dict]:
+    """The two-part layout of an official ``lavt`` checkpoint (fixtures' ``key_mapping``):
+    ``model`` = entries not under ``bert_prefix`` (keys unchanged), ``bert_model`` = entries under
+    it with the prefix removed."""
+    return {
+        "model": {k: v for k, v in state_dict.items() if not k.startswith(bert_prefix)},
+        "bert_model": {k[len(bert_prefix):]: v for k, v in state_dict.items() if k.startswith(bert_prefix)},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LoadReport:
+    """What a load did: keys loaded, missing (model only), unexpected (file only), shape
+    mismatches ``(key, file_shape, model_shape)``, and ignored keys (known, deliberately skipped)."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def format(self, limit: int = 12, title: str = "checkpoint") -> str:
+        lines = [f"{title}: {len(self.loaded)} loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                 f"{len(self.mismatched)} shape mismatches, {len(self.ignored)} ignored"]
+        for label, items in (("missing (in model, not in file)", self.missing),
+                             ("unexpected (in file, not in model)", self.unexpected)):
+            if items:
+                lines.append(f"  {label}:")
+                lines += [f"    {k}" for k in _summarise(items, limit)]
+        if self.mismatched:
+            lines.append("  shape mismatches (file vs model):")
+            for k, a, b in self.mismatched[:limit]:
+                lines.append(f"    {k}: {list(a)} vs {list(b)}")
+            if len(self.mismatched) > limit:
+                lines.append(f"    ... and {len(self.mismatched) - limit} more")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _summarise(keys: list[str], limit: int) -> list[str]:
+    """Up to ``limit`` lines; long lists are grouped by their first three key components."""
+    if len(keys) <= limit:
+        return list(keys)
+    groups: dict[str, int] = {}
+    for k in keys:
+        head = ".".join(k.split(".")[:3])
+        groups[head] = groups.get(head, 0) + 1
+    out = [f"{g}.* ({n} keys)" if n > 1 else g for g, n in groups.items()]
+    if len(out) > limit:
+        out = out[:limit] + [f"... {len(keys)} keys in {len(groups)} groups"]
+    return out
+
+
+def _compare(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> LoadReport:
+    rep = LoadReport()
+    for k, v in sd.items():
+        if k not in model_sd:
+            if k.endswith(_DERIVED_BUFFER_SUFFIXES):
+                rep.ignored.append(k)
+            else:
+                rep.unexpected.append(k)
+        elif tuple(v.shape) != tuple(model_sd[k].shape):
+            rep.mismatched.append((k, tuple(v.shape), tuple(model_sd[k].shape)))
+        else:
+            rep.loaded.append(k)
+    rep.missing = [k for k in model_sd if k not in sd]
+    return rep
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> LoadReport:
+    """Load ``state`` (our key layout, see `extract_state_dict`) into ``model``.
+
+    Strict by default: any missing / unexpected key or shape mismatch raises
+    `CheckpointMismatchError` and nothing is loaded. With ``strict=False`` the matching entries are
+    loaded and the report is printed. Tensors are cast to the parameters' dtype (e.g. float16 files).
+    """
+    model_sd = model.state_dict()
+    rep = _compare(model_sd, state)
+    if strict and not rep.ok:
+        raise CheckpointMismatchError("strict checkpoint load failed\n" + rep.format())
+    model.load_state_dict({k: state[k] for k in rep.loaded}, strict=False)
+    if not rep.ok:
+        print(rep.format(title="non-strict checkpoint load"))
+    return rep
+
+
+# --------------------------------------------------------------------------------------------
+# Official Swin ImageNet weights
+# --------------------------------------------------------------------------------------------
+def _swin_state_dict(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path}: a Swin checkpoint must be a dict, got {type(ckpt).__name__}")
+    sd = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), Mapping) else \
+        ckpt.get("model") if isinstance(ckpt.get("model"), Mapping) else ckpt
+    sd = dict(sd)
+    if not sd:
+        raise CheckpointError(f"{path}: empty state dict")
+    if next(iter(sd)).startswith("module."):
+        sd = {k[7:]: v for k, v in sd.items()}
+    if next(iter(sd)).startswith("backbone."):  # UperNet / mmseg files
+        sd = {k.replace("backbone.", ""): v for k, v in sd.items() if k.startswith("backbone.")}
+    if sorted(sd)[0].startswith("encoder"):  # MoBY files
+        sd = {k.replace("encoder.", ""): v for k, v in sd.items() if k.startswith("encoder.")}
+    return sd
+
+
+def _resize_bias_table(table: torch.Tensor, target: torch.Tensor, key: str, rep: LoadReport) -> torch.Tensor | None:
+    (l1, h1), (l2, h2) = table.shape, target.shape
+    if h1 != h2:
+        rep.notes.append(f"{key}: {h1} heads in the file vs {h2} in the model, not loaded")
+        return None
+    if l1 == l2:
+        return table
+    s1, s2 = int(round(l1 ** 0.5)), int(round(l2 ** 0.5))
+    img = table.float().permute(1, 0).reshape(1, h1, s1, s1)
+    out = F.interpolate(img, size=(s2, s2), mode="bicubic", align_corners=False)
+    rep.notes.append(f"{key}: bias table resized {s1}x{s1} -> {s2}x{s2} (bicubic)")
+    return out.reshape(h2, l2).permute(1, 0).to(table.dtype)
+
+
+def load_swin_pretrained(backbone: nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Load an official Swin classification checkpoint into a `MultiModalSwin` (lavt.md §8).
+
+    Non-strict by design: fusion modules, stage norms and model additions keep their init;
+    ``head.*``, the classifier's final ``norm.*``, ``attn_mask`` buffers and (on a window change)
+    ``relative_position_index`` are ignored; relative-position tables of another window size are
+    resized bicubically. Prints a report of what was and was not loaded.
+    """
+    p = Path(path)
+    sd = _swin_state_dict(safe_torch_load(p), p)
+    model_sd = backbone.state_dict()
+    rep = LoadReport()
+    to_load: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith("head.") or k in ("norm.weight", "norm.bias") or k.endswith("attn_mask") or k == "absolute_pos_embed":
+            rep.ignored.append(k)
+            continue
+        if k not in model_sd:
+            rep.unexpected.append(k)
+            continue
+        if "relative_position_bias_table" in k:
+            v = _resize_bias_table(v, model_sd[k], k, rep)
+            if v is None:
+                rep.ignored.append(k)
+                continue
+        if tuple(v.shape) != tuple(model_sd[k].shape):
+            if k.endswith("relative_position_index"):
+                rep.ignored.append(k)  # derived from the window size; ours is kept
+            else:
+                rep.mismatched.append((k, tuple(v.shape), tuple(model_sd[k].shape)))
+            continue
+        to_load[k] = v
+    rep.loaded = list(to_load)
+    rep.missing = [k for k in model_sd if k not in to_load and k not in sd]
+    backbone.load_state_dict(to_load, strict=False)
+    print(rep.format(limit=8, title=f"Swin weights from {p.name}"))
+    return rep
+
+
+# --------------------------------------------------------------------------------------------
+# Our checkpoints
+# --------------------------------------------------------------------------------------------
+def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
+    """Atomically write ``payload`` (plain data + tensors): temp file in the same folder, fsync,
+    ``os.replace``. A failure at any point leaves an existing file at ``path`` untouched."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(dict(payload), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename durable
+        dfd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def load_our_checkpoint(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict]:
+    """Rebuild the model from the plain ``config`` stored in one of our checkpoints and load its
+    weights (strict). Returns ``(model, checkpoint_dict)``; the model is in eval mode."""
+    from lib.registry import build_model  # lazy: the registry imports model modules
+
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("config"), Mapping):
+        raise CheckpointError(f"{path}: has no 'config' entry; not an OpenRRSIS checkpoint "
+                              "(original checkpoints need --model/--swin_type flags and load_model_state)")
+    model = build_model(ckpt["config"])
+    load_model_state(model, extract_state_dict(ckpt), strict=strict)
+    return model.eval(), dict(ckpt)
+
+
+def state_dict_keys(keys: Iterable[str], prefix: str) -> list[str]:
+    """Keys under ``prefix`` (helper for reports and tests)."""
+    return [k for k in keys if k.startswith(prefix)]
