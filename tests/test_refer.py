@@ -11,6 +11,9 @@ from pycocotools import mask as mask_utils
 
 from refer.refer import REFER, ReferError, ReferFileNotFoundError, decode_segmentation, load_refs_pickle
 
+# pycocotools' own numpy-2 deprecation notice when the tests decode expected masks directly
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 H, W = 8, 10
 
 

@@ -1,0 +1,340 @@
+"""Referring-segmentation datasets: RRSIS-D (and the REFER family) and RefSegRS.
+
+Every item is a plain dict (batches with torch's ``default_collate``)::
+
+    image     float32 (3, S, S)   resized (PIL bilinear) and ImageNet-normalised
+    target    int64   (S, S)      0/1, resized with PIL nearest
+    text      int64   (N,)        word-piece ids, 0-padded (N = max_tokens)
+    l_mask    int64   (N,)        attention mask
+    t_mask    int64   (N,)        FIANet ground-object mask
+    p_mask    int64   (N,)        FIANet spatial-position mask
+    ref_id    int                 REFER ref id (-1 for RefSegRS)
+    line      int                 0-based line of the phrase file (-1 for REFER datasets)
+    sent_index int                sentence index within the ref
+    sentence  str                 the sentence, stripped
+    category  str                 class name (REFER) or '' (RefSegRS)
+    index     int                 item index
+
+Which sentence an item uses (spec data-train-eval.md §b.4):
+
+* ``mode='train'``: one item per ref, a random sentence per access (``np.random``);
+* ``mode='eval', eval_protocol='all'``: one item per (ref, sentence), ref then sentence order
+  (the ``test.py`` protocol of LAVT / RMSIN);
+* ``mode='eval', eval_protocol='one-per-ref'``: one item per ref, the sentence drawn once by a
+  seeded generator (FIANet's one-sentence protocol, made deterministic).
+
+``dataset.samples`` lists every (ref, sentence) in ``'all'`` order; ``original_mask`` gives a
+sample's ground truth at the image's own resolution. Token ids and word masks are computed
+once and cached on disk (see ``data.word_masks.build_text_features``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from refer.refer import IMAGE_DIRS, REFER, ReferError
+
+from .tokenizer import check_tokenizer_folder
+from .transforms import SegmentationTransform, black_box, choose_black_box_refs
+from .word_masks import DATASET_CLASSES, TextFeatures, build_text_features, default_cache_dirs
+
+__all__ = ["DatasetError", "DatasetFileNotFoundError", "Sample", "ReferDataset", "RRSISDDataset",
+           "RefSegRSDataset", "build_dataset", "DATASET_NAMES", "DEFAULT_MAX_TOKENS", "REFSEGRS_SPLITS"]
+
+DATASET_NAMES = ("rrsisd", "refsegrs")
+# Reference token lengths: FIANet uses 22 on RRSIS-D, 20 elsewhere (spec §b.3).
+DEFAULT_MAX_TOKENS = {"rrsisd": 22, "refsegrs": 20, "refcoco": 20, "refcoco+": 20, "refcocog": 20}
+REFSEGRS_SPLITS = ("train", "val", "test")
+MODES = ("train", "eval")
+EVAL_PROTOCOLS = ("all", "one-per-ref")
+
+
+class DatasetError(ValueError):
+    """Bad dataset argument or content (message is one line)."""
+
+
+class DatasetFileNotFoundError(FileNotFoundError):
+    """A dataset file or folder is missing (message names the path)."""
+
+
+class Sample(NamedTuple):
+    """One (ref, sentence) pair; ``group`` is the index of its ref among the dataset's refs."""
+
+    ref_id: int
+    line: int
+    sent_index: int
+    sentence: str
+    image_path: str
+    category: str
+    group: int
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open an image as RGB; one-line errors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as exc:
+        raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+
+
+class _GroundingDataset(torch.utils.data.Dataset):
+    """Shared item logic: subclasses fill ``samples`` / ``groups`` and load images and masks."""
+
+    has_black_box = False
+
+    def _setup(self, samples: list[Sample], features: TextFeatures, *, img_size: int, mode: str,
+               eval_protocol: str, seed: int) -> None:
+        if mode not in MODES:
+            raise DatasetError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if eval_protocol not in EVAL_PROTOCOLS:
+            raise DatasetError(f"eval_protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {eval_protocol!r}")
+        self.samples = samples
+        self.mode, self.eval_protocol, self.seed = mode, eval_protocol, seed
+        self.transform = SegmentationTransform(img_size)
+        self.groups: list[list[int]] = []
+        for index, sample in enumerate(samples):
+            if sample.group == len(self.groups):
+                self.groups.append([])
+            self.groups[sample.group].append(index)
+        self.features = features
+        self._text = {
+            "text": torch.from_numpy(features.input_ids.astype(np.int64)),
+            "l_mask": torch.from_numpy(features.attention_mask.astype(np.int64)),
+            "t_mask": torch.from_numpy(features.target_mask.astype(np.int64)),
+            "p_mask": torch.from_numpy(features.position_mask.astype(np.int64)),
+        }
+        if mode == "eval" and eval_protocol == "all":
+            self._fixed: list[int] | None = list(range(len(samples)))
+        elif mode == "eval":  # one sentence per ref, drawn once with a seeded generator
+            rng = np.random.RandomState(seed)
+            self._fixed = [members[rng.randint(len(members))] for members in self.groups]
+        else:
+            self._fixed = None  # train: the sentence is drawn at every access
+
+    # -- to be provided by subclasses -------------------------------------------------------------
+    def _image(self, sample: Sample) -> Image.Image:
+        return open_rgb(sample.image_path)
+
+    def original_mask(self, sample_index: int) -> np.ndarray:
+        """Ground truth of ``samples[sample_index]`` at the original resolution: uint8 0/1 ``(h, w)``."""
+        raise NotImplementedError
+
+    # -- items -----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._fixed) if self._fixed is not None else len(self.groups)
+
+    def sample_index(self, index: int) -> int:
+        """Which sample item ``index`` uses (random in train mode)."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"item index {index} out of range for {len(self)} items")
+        if self._fixed is not None:
+            return self._fixed[index]
+        members = self.groups[index]
+        return members[np.random.choice(len(members))]
+
+    def get_original_mask(self, index: int) -> np.ndarray:
+        """Ground truth of item ``index`` at the image's original resolution (uint8 0/1)."""
+        if index < 0:
+            index += len(self)
+        if self._fixed is not None:
+            return self.original_mask(self._fixed[index])
+        return self.original_mask(self.groups[index][0])  # every sentence of a ref shares the mask
+
+    def _augment(self, sample: Sample, image: Image.Image) -> Image.Image:
+        return image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < 0:
+            index += len(self)
+        row = self.sample_index(index)
+        sample = self.samples[row]
+        image = self._augment(sample, self._image(sample))
+        image_t, target_t = self.transform(image, self.original_mask(row))
+        item = {"image": image_t, "target": target_t}
+        for key, table in self._text.items():
+            item[key] = table[row]
+        item.update(ref_id=sample.ref_id, line=sample.line, sent_index=sample.sent_index,
+                    sentence=sample.sentence, category=sample.category, index=index)
+        return item
+
+
+def _cache_dirs(root: Path, cache_dir: str | Path | None) -> list[Path]:
+    return [Path(cache_dir)] if cache_dir is not None else default_cache_dirs(root)
+
+
+class ReferDataset(_GroundingDataset):
+    """A REFER-layout dataset (``rrsisd``; also ``refcoco``, ``refcoco+``, ``refcocog``).
+
+    Target = pixels where the summed segmentation equals 1 (overlapping parts become holes,
+    as in the reference). For ``rrsisd`` the train split in train mode blacks out random
+    boxes on a fixed 20 % of the refs (``black_box``); evaluation never does.
+    """
+
+    def __init__(self, root: str | Path, split: str, tokenizer_dir: str | Path, *, dataset: str = "rrsisd",
+                 img_size: int = 480, max_tokens: int | None = None, splitBy: str = "unc", mode: str = "train",
+                 eval_protocol: str = "all", seed: int = 0, black_box: bool | None = None,
+                 cache_dir: str | Path | None = None):
+        if dataset not in IMAGE_DIRS:
+            raise DatasetError(f"unknown REFER dataset {dataset!r}; valid: {', '.join(IMAGE_DIRS)}")
+        self.root, self.split, self.dataset = Path(root), split, dataset
+        if not self.root.is_dir():
+            raise DatasetFileNotFoundError(f"dataset root (--refer_data_root) not found: {self.root}")
+        check_tokenizer_folder(tokenizer_dir)
+        max_tokens = DEFAULT_MAX_TOKENS[dataset] if max_tokens is None else max_tokens
+        self.max_tokens = max_tokens
+        self.refer = REFER(self.root, dataset=dataset, splitBy=splitBy)
+        ref_ids = self.refer.getRefIds(split=split)
+        if not ref_ids:
+            raise DatasetError(f"split {split!r} has no refs in {self.refer.ref_file}")
+
+        samples, raws = [], []
+        for group, ref_id in enumerate(ref_ids):
+            ref = self.refer.Refs[ref_id]
+            sentences = ref["sentences"]
+            if not isinstance(sentences, list) or not sentences:
+                raise DatasetError(f"ref {ref_id} in {self.refer.ref_file} has no sentences")
+            image = self.refer.Imgs.get(ref["image_id"])
+            if image is None or "file_name" not in image:
+                raise DatasetError(f"ref {ref_id}: image {ref['image_id']!r} missing from {self.refer.instances_file}")
+            image_path = str(self.refer.image_dir / image["file_name"])
+            category = str(self.refer.Cats.get(ref.get("category_id"), ""))
+            for sent_index, sent in enumerate(sentences):
+                if not isinstance(sent, dict) or not isinstance(sent.get("raw"), str):
+                    raise DatasetError(f"ref {ref_id} in {self.refer.ref_file}: sentence {sent_index} has no 'raw' text")
+                raws.append(sent["raw"])
+                samples.append(Sample(ref_id, -1, sent_index, sent["raw"].strip(), image_path, category, group))
+
+        features = build_text_features(
+            raws, tokenizer_dir, DATASET_CLASSES.get(dataset, ()), max_tokens,
+            cache_dirs=_cache_dirs(self.root, cache_dir), name=f"{dataset}-{splitBy}-{split}-{max_tokens}",
+        )
+        self._setup(samples, features, img_size=img_size, mode=mode, eval_protocol=eval_protocol, seed=seed)
+        use_boxes = (dataset == "rrsisd") if black_box is None else bool(black_box)
+        # Drawn for every split like the reference, but only used in train mode on the train split.
+        self.black_box_refs = choose_black_box_refs(ref_ids, seed)
+        self.black_box_active = use_boxes and split == "train" and mode == "train"
+
+    def _augment(self, sample: Sample, image: Image.Image) -> Image.Image:
+        if self.black_box_active and sample.ref_id in self.black_box_refs:
+            return black_box(image)
+        return image
+
+    def original_mask(self, sample_index: int) -> np.ndarray:
+        ref = self.refer.Refs[self.samples[sample_index].ref_id]
+        try:
+            summed = self.refer.getMask(ref)
+        except ReferError as exc:
+            raise DatasetError(f"ref {ref['ref_id']}: {exc}") from None
+        return (summed == 1).astype(np.uint8)
+
+
+class RRSISDDataset(ReferDataset):
+    """RRSIS-D (REFER layout, ``<root>/rrsisd/refs(unc).p``); max 22 tokens like FIANet."""
+
+    def __init__(self, root: str | Path, split: str, tokenizer_dir: str | Path, *, img_size: int = 480,
+                 max_tokens: int | None = 22, splitBy: str = "unc", mode: str = "train", eval_protocol: str = "all",
+                 seed: int = 0, black_box: bool = True, cache_dir: str | Path | None = None):
+        super().__init__(root, split, tokenizer_dir, dataset="rrsisd", img_size=img_size, max_tokens=max_tokens,
+                         splitBy=splitBy, mode=mode, eval_protocol=eval_protocol, seed=seed,
+                         black_box=black_box, cache_dir=cache_dir)
+
+
+def read_refsegrs_mask(path: str | Path) -> np.ndarray:
+    """RefSegRS mask -> uint8 0/1 where the grey value is ``> 50``.
+
+    8-bit files are read as greyscale (colour / palette images converted with PIL's ``L``);
+    16-bit and 32-bit files keep their raw values, like OpenCV's ``IMREAD_ANYDEPTH`` in the
+    reference loader.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFileNotFoundError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            if mask.mode in ("L", "I", "F") or mask.mode.startswith("I;16"):
+                values = np.asarray(mask)
+            else:
+                values = np.asarray(mask.convert("L"))
+    except Exception as exc:
+        raise DatasetError(f"cannot read mask {path}: {type(exc).__name__}: {exc}") from None
+    return (values > 50).astype(np.uint8)
+
+
+class RefSegRSDataset(_GroundingDataset):
+    """RefSegRS: ``images/<id>.tif``, ``masks/<id>.tif``, ``output_phrase_<split>.txt``.
+
+    Each non-empty phrase-file line ``ID word word ...`` is one item with one sentence.
+    """
+
+    def __init__(self, root: str | Path, split: str, tokenizer_dir: str | Path, *, img_size: int = 480,
+                 max_tokens: int | None = 20, mode: str = "train", eval_protocol: str = "all", seed: int = 0,
+                 cache_dir: str | Path | None = None):
+        self.root, self.split, self.dataset = Path(root), split, "refsegrs"
+        if not self.root.is_dir():
+            raise DatasetFileNotFoundError(f"dataset root (--refer_data_root) not found: {self.root}")
+        if split not in REFSEGRS_SPLITS:
+            raise DatasetError(f"unknown RefSegRS split {split!r}; valid: {', '.join(REFSEGRS_SPLITS)}")
+        check_tokenizer_folder(tokenizer_dir)
+        max_tokens = DEFAULT_MAX_TOKENS["refsegrs"] if max_tokens is None else max_tokens
+        self.max_tokens = max_tokens
+        self.phrase_file = self.root / f"output_phrase_{split}.txt"
+        if not self.phrase_file.is_file():
+            raise DatasetFileNotFoundError(f"RefSegRS phrase file not found: {self.phrase_file}")
+        try:
+            lines = self.phrase_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"cannot read {self.phrase_file}: {exc}") from None
+
+        samples, self.sample_ids = [], []
+        for line_no, text in enumerate(lines):
+            if not text.strip():
+                continue  # a blank line (e.g. at the end of the file) is not a sample
+            sample_id, _, sentence = text.partition(" ")
+            image_path = str(self.root / "images" / f"{sample_id}.tif")
+            samples.append(Sample(-1, line_no, 0, sentence.strip(), image_path, "", len(samples)))
+            self.sample_ids.append(sample_id)
+        if not samples:
+            raise DatasetError(f"split {split!r} has no samples in {self.phrase_file}")
+
+        features = build_text_features(
+            [s.sentence for s in samples], tokenizer_dir, DATASET_CLASSES["refsegrs"], max_tokens,
+            cache_dirs=_cache_dirs(self.root, cache_dir), name=f"refsegrs-{split}-{max_tokens}",
+        )
+        self._setup(samples, features, img_size=img_size, mode=mode, eval_protocol=eval_protocol, seed=seed)
+
+    def mask_path(self, sample_index: int) -> Path:
+        return self.root / "masks" / f"{self.sample_ids[sample_index]}.tif"
+
+    def original_mask(self, sample_index: int) -> np.ndarray:
+        return read_refsegrs_mask(self.mask_path(sample_index))
+
+
+def build_dataset(name: str, root: str | Path, split: str, tokenizer_dir: str | Path, **kwargs: Any) -> _GroundingDataset:
+    """Dataset by ``--dataset`` name (``rrsisd`` or ``refsegrs``); keyword arguments pass through."""
+    if name == "rrsisd":
+        return RRSISDDataset(root, split, tokenizer_dir, **kwargs)
+    if name == "refsegrs":
+        return RefSegRSDataset(root, split, tokenizer_dir, **kwargs)
+    raise DatasetError(f"--dataset {name!r} is not supported; valid: {', '.join(DATASET_NAMES)}")
+
+
+def split_counts(dataset: _GroundingDataset) -> dict[str, int]:
+    """Refs, sentences and distinct images of a dataset."""
+    return {"refs": len(dataset.groups), "sentences": len(dataset.samples),
+            "images": len({s.image_path for s in dataset.samples})}
+
+
+def mask_file_stem(sample: Sample) -> str:
+    """File stem for a sample's ground-truth export: shared by all sentences of a ref."""
+    return f"ref_{sample.ref_id}" if sample.line < 0 else f"line_{sample.line}"

@@ -1,0 +1,90 @@
+"""Image / target transforms of the reference loaders (spec data-train-eval.md §b.1–b.2).
+
+Train, validation and test all use the same steps:
+
+1. resize image and target to ``size x size`` ignoring the aspect ratio, on PIL images
+   (image bilinear with PIL's antialiasing, target nearest) -- tensor-side interpolation does
+   not reproduce PIL, so it stays PIL;
+2. image -> float32 ``(3, S, S)`` in [0, 1]; target -> int64 ``(S, S)`` 0/1;
+3. normalise the image with the ImageNet mean/std.
+
+The RRSIS-D loaders additionally black out 20-60 random 32x32 boxes of the original image for
+a fixed 20 % of the training refs (``choose_black_box_refs`` / ``black_box``).
+"""
+from __future__ import annotations
+
+import random
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "resize_pair", "image_to_tensor", "target_to_tensor",
+           "SegmentationTransform", "choose_black_box_refs", "black_box", "BOX_SIZE"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BOX_SIZE = 32
+BLACK_BOX_FRACTION = 0.2
+
+
+def resize_pair(image: Image.Image, target: np.ndarray | Image.Image, size: int) -> tuple[Image.Image, Image.Image]:
+    """Resize an image (bilinear) and its 0/1 target (nearest) to ``size x size``."""
+    if not isinstance(target, Image.Image):
+        target = Image.fromarray(np.ascontiguousarray(target, dtype=np.uint8))
+    return image.resize((size, size), Image.BILINEAR), target.resize((size, size), Image.NEAREST)
+
+
+def image_to_tensor(image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """RGB PIL image -> normalised float32 ``(3, H, W)`` (ToTensor then Normalize, same float ops)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return tensor.sub_(mean_t).div_(std_t)
+
+
+def target_to_tensor(target: Image.Image | np.ndarray) -> torch.Tensor:
+    """0/1 target -> int64 ``(H, W)``."""
+    return torch.from_numpy(np.array(target, dtype=np.int64))
+
+
+class SegmentationTransform:
+    """Joint resize + tensor conversion of (image, target): ``(3,S,S)`` float32, ``(S,S)`` int64."""
+
+    def __init__(self, size: int = 480):
+        if size < 1:
+            raise ValueError(f"image size must be >= 1, got {size}")
+        self.size = int(size)
+
+    def __call__(self, image: Image.Image, target: np.ndarray | Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        image, target = resize_pair(image, target, self.size)
+        return image_to_tensor(image), target_to_tensor(target)
+
+
+def choose_black_box_refs(ref_ids: Sequence[Hashable], seed: int) -> frozenset:
+    """The fixed 20 % of refs (``int(0.2 * len)``) that get black boxes, drawn once per dataset."""
+    ref_ids = list(ref_ids)
+    count = int(BLACK_BOX_FRACTION * len(ref_ids))
+    return frozenset(random.Random(seed).sample(ref_ids, count))
+
+
+def black_box(image: Image.Image, rng: random.Random | None = None) -> Image.Image:
+    """Black out 20-60 boxes of 32x32 pixels; fresh boxes on every call.
+
+    Both box coordinates are bounded by the image *width*, like the reference (which assumes
+    square images): on a tall image boxes never reach the bottom, on a wide one boxes starting
+    below the image simply fall outside it. Images narrower than 32 px get boxes of their width.
+    ``rng`` defaults to Python's global ``random`` (DataLoader re-seeds it in every worker).
+    """
+    rng = rng if rng is not None else random  # the module functions use the global generator
+    array = np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3), a writable copy
+    width = array.shape[1]
+    box = min(BOX_SIZE, width)
+    for _ in range(rng.randint(20, 60)):
+        y = rng.randint(0, width - box)
+        x = rng.randint(0, width - box)
+        array[y:y + box, x:x + box, :] = 0
+    return Image.fromarray(array)
