@@ -1,0 +1,961 @@
+"""Synthetic, language-dependent stand-ins for RRSIS-D and RefSegRS (no download needed).
+
+``python -m data.synthetic --out DIR`` (or :func:`generate`) writes three folders:
+
+* ``DIR/rrsisd/``   the RRSIS-D / REFER layout: ``rrsisd/refs(unc).p`` (a pickled list of plain
+  ref dicts), ``rrsisd/instances.json`` (COCO style) and JPEG images under
+  ``images/rrsisd/JPEGImages/``.  Use ``--refer_data_root DIR/rrsisd --dataset rrsisd``.
+* ``DIR/refsegrs/`` the RefSegRS layout: ``images/<id>.tif`` (RGB), ``masks/<id>.tif`` (8-bit,
+  0/255) and ``output_phrase_{train,val,test}.txt`` with lines ``ID word word ...``.
+  Use ``--refer_data_root DIR/refsegrs --dataset refsegrs``.
+* ``DIR/bert/``     a tiny BERT folder (``config.json``, ``vocab.txt``, ``tokenizer_config.json``)
+  whose vocabulary covers every caption; models build BERT from the config with random weights.
+
+Each scene is an aerial-looking textured background with 3-5 non-overlapping objects drawn with
+the datasets' real class names.  Every class has its own shape and a small palette of named
+colours, so a small model can tell classes apart.  Each scene holds at least one class twice and
+is described by several refs with different targets, so a model that ignores the sentence is
+ambiguous: the captions single out their target by class, colour, size, position in the image or
+relation to a landmark, and a caption only mentions what is true of its target (a distinguishing
+cue is true of the target and of no other object of its class).
+
+Object outlines are polygons (rectangles, ellipses and discs as 4-24-gons; a few classes are
+made of several separate parts).  The pixel masks are rasterised from the very polygons that the
+annotation stores, with pycocotools -- the decoder the REFER loader uses -- so the rendered
+object and the decoded annotation agree pixel for pixel.  Parts of one object never overlap (the
+REFER loader turns overlaps into holes) and objects keep a margin from each other.
+
+The output is deterministic: the same arguments give byte-identical files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pickle
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+# ---------------------------------------------------------------------------------------------
+# Class lists (the real datasets' names; data-train-eval.md §b.5)
+# ---------------------------------------------------------------------------------------------
+
+RRSISD_CLASSES: tuple[str, ...] = (
+    "airplane", "airport", "golf field", "expressway service area", "baseball field", "stadium",
+    "ground track field", "storage tank", "basketball court", "chimney", "tennis court",
+    "overpass", "train station", "ship", "expressway toll station", "dam", "harbor", "bridge",
+    "vehicle", "windmill",
+)
+REFSEGRS_CLASSES: tuple[str, ...] = (
+    "road", "vehicle", "car", "van", "building", "truck", "trailer", "bus", "road marking",
+    "bikeway", "sidewalk", "tree", "low vegetation", "impervious surface",
+)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# Named colours (RGB).  A caption's colour word is the name of the colour the object was drawn in.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "white": (236, 236, 230),
+    "grey": (150, 150, 152),
+    "black": (30, 30, 36),
+    "red": (200, 40, 36),
+    "blue": (40, 80, 200),
+    "green": (50, 165, 60),
+    "dark green": (24, 80, 30),
+    "light green": (150, 205, 100),
+    "yellow": (230, 205, 40),
+    "orange": (235, 125, 30),
+    "brown": (120, 72, 40),
+}
+
+
+@dataclass(frozen=True)
+class ClassStyle:
+    """How a class looks: a shape name (see ``SHAPES``) and the colours it may be drawn in."""
+
+    shape: str
+    colours: tuple[str, ...]
+
+
+RRSISD_STYLES: dict[str, ClassStyle] = {
+    "airplane": ClassStyle("plane", ("white", "grey")),
+    "airport": ClassStyle("tee", ("grey", "black")),
+    "golf field": ClassStyle("blob", ("light green", "green")),
+    "expressway service area": ClassStyle("ell", ("grey", "white")),
+    "baseball field": ClassStyle("sector", ("brown", "orange")),
+    "stadium": ClassStyle("ring", ("red", "green")),
+    "ground track field": ClassStyle("capsule", ("red", "orange")),
+    "storage tank": ClassStyle("disc", ("white", "grey")),
+    "basketball court": ClassStyle("rect", ("orange", "green")),
+    "chimney": ClassStyle("triangle", ("black", "grey")),
+    "tennis court": ClassStyle("twin", ("green", "blue")),
+    "overpass": ClassStyle("plus", ("grey", "white")),
+    "train station": ClassStyle("you", ("brown", "grey")),
+    "ship": ClassStyle("boat", ("white", "red", "grey")),
+    "expressway toll station": ClassStyle("bars", ("grey", "yellow")),
+    "dam": ClassStyle("arc", ("grey", "white")),
+    "harbor": ClassStyle("comb", ("brown", "grey")),
+    "bridge": ClassStyle("band", ("grey", "brown")),
+    "vehicle": ClassStyle("rounded", ("red", "white", "blue", "black", "yellow")),
+    "windmill": ClassStyle("star", ("white", "grey")),
+}
+REFSEGRS_STYLES: dict[str, ClassStyle] = {
+    "road": ClassStyle("wideband", ("black", "grey")),
+    "vehicle": ClassStyle("rounded", ("red", "white", "blue")),
+    "car": ClassStyle("ellipse", ("red", "blue", "white", "black")),
+    "van": ClassStyle("rect", ("white", "grey")),
+    "building": ClassStyle("ell", ("red", "grey", "brown")),
+    "truck": ClassStyle("truck", ("white", "orange")),
+    "trailer": ClassStyle("long", ("white", "grey")),
+    "bus": ClassStyle("capsule", ("yellow", "orange", "red")),
+    "road marking": ClassStyle("dashes", ("white", "yellow")),
+    "bikeway": ClassStyle("band", ("red", "green")),
+    "sidewalk": ClassStyle("band", ("grey", "white")),
+    "tree": ClassStyle("blob", ("dark green", "green")),
+    "low vegetation": ClassStyle("blob", ("light green", "yellow")),
+    "impervious surface": ClassStyle("patch", ("grey", "white")),
+}
+
+# Backgrounds: (base colour, colour of the tracks drawn across it as bands).
+BACKGROUNDS: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
+    ((100, 122, 78), (170, 158, 125)),   # green fields, dirt tracks
+    ((168, 152, 118), (120, 112, 100)),  # dry fields, dark tracks
+    ((118, 118, 112), (88, 88, 86)),     # urban grey, asphalt roads
+    ((112, 96, 74), (165, 150, 120)),    # bare soil, light tracks
+)
+
+MIN_CONTRAST = 70.0  # least RGB distance between an object's colour and the background base
+
+# Object-count patterns: how many instances of each chosen class.  Every scene has a class twice
+# (its two instances need a cue beyond the class name); most also have a class only once.
+LAYOUTS: tuple[tuple[int, ...], ...] = ((2, 1),) * 6 + ((2, 1, 1),) * 3 + ((2, 2), (2, 2, 1), (3, 1, 1))
+
+
+class SyntheticDataError(ValueError):
+    """Bad arguments or an output folder that must not be overwritten."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes: each builder returns the object's polygons (arrays (n, 2) of x, y) in a local frame
+# of about [-1, 1]^2.  Several polygons = several separate parts, with gaps between them.
+# ---------------------------------------------------------------------------------------------
+
+Polygon = np.ndarray
+
+
+def _arc(radius_x: float, radius_y: float, start: float, stop: float, n: int) -> Polygon:
+    """``n`` points on an ellipse arc from angle ``start`` to ``stop`` (radians, inclusive)."""
+    t = np.linspace(start, stop, n)
+    return np.stack([radius_x * np.cos(t), radius_y * np.sin(t)], axis=1)
+
+
+def _ellipse(radius_x: float, radius_y: float, n: int = 20) -> Polygon:
+    t = np.arange(n) * (2 * math.pi / n)
+    return np.stack([radius_x * np.cos(t), radius_y * np.sin(t)], axis=1)
+
+
+def _box(x0: float, y0: float, x1: float, y1: float) -> Polygon:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+
+
+def _rounded_box(half_w: float, half_h: float, radius: float, per_corner: int = 5) -> Polygon:
+    """A rounded rectangle as a ``4 * per_corner``-gon."""
+    corners = ((half_w - radius, half_h - radius, 0.0), (-half_w + radius, half_h - radius, 0.5),
+               (-half_w + radius, -half_h + radius, 1.0), (half_w - radius, -half_h + radius, 1.5))
+    pts = [np.array([cx, cy]) + _arc(radius, radius, q * math.pi, (q + 0.5) * math.pi, per_corner)
+           for cx, cy, q in corners]
+    return np.concatenate(pts, axis=0)
+
+
+def _mirror_outline(upper: Sequence[tuple[float, float]]) -> Polygon:
+    """Close a left-right symmetric outline given its upper half (from +x end to -x end)."""
+    up = np.array(upper, dtype=np.float64)
+    low = up[::-1].copy()
+    low[:, 1] *= -1
+    keep = low[:, 1] != 0  # points on the axis are already in the upper half
+    return np.concatenate([up, low[keep]], axis=0)
+
+
+def _shape_plane(rng: np.random.Generator) -> list[Polygon]:
+    return [_mirror_outline([(1.0, 0.0), (0.8, 0.24), (0.4, 0.24), (-0.05, 1.0), (-0.5, 1.0),
+                             (-0.35, 0.24), (-0.62, 0.24), (-0.85, 0.6), (-1.0, 0.6), (-0.96, 0.2)])]
+
+
+def _shape_boat(rng: np.random.Generator) -> list[Polygon]:
+    return [_mirror_outline([(1.0, 0.0), (0.75, 0.24), (0.4, 0.36), (-0.9, 0.36), (-1.0, 0.22)])]
+
+
+def _shape_star(rng: np.random.Generator) -> list[Polygon]:
+    """Three blades around a hub (a windmill seen from above)."""
+    pts = []
+    for k in range(3):
+        a = k * 2 * math.pi / 3
+        for r, da in ((0.42, -0.62), (1.0, -0.27), (1.0, 0.27), (0.42, 0.62), (0.38, math.pi / 3)):
+            pts.append((r * math.cos(a + da), r * math.sin(a + da)))
+    return [np.array(pts)]
+
+
+def _shape_disc(rng: np.random.Generator) -> list[Polygon]:
+    return [_ellipse(1.0, 1.0, 24)]
+
+
+def _shape_ellipse(rng: np.random.Generator) -> list[Polygon]:
+    return [_ellipse(1.0, 0.6, 20)]
+
+
+def _shape_triangle(rng: np.random.Generator) -> list[Polygon]:
+    return [np.array([(1.0, 0.0), (-0.8, 0.95), (-0.8, -0.95)])]
+
+
+def _shape_rect(rng: np.random.Generator) -> list[Polygon]:
+    return [_box(-1.0, -0.6, 1.0, 0.6)]
+
+
+def _shape_long(rng: np.random.Generator) -> list[Polygon]:
+    return [_box(-1.0, -0.4, 1.0, 0.4)]
+
+
+def _shape_rounded(rng: np.random.Generator) -> list[Polygon]:
+    return [_rounded_box(1.0, 0.55, 0.25)]
+
+
+def _shape_capsule(rng: np.random.Generator) -> list[Polygon]:
+    r = 0.5
+    return [np.concatenate([np.array([0.5, 0.0]) + _arc(r, r, -math.pi / 2, math.pi / 2, 10),
+                            np.array([-0.5, 0.0]) + _arc(r, r, math.pi / 2, 1.5 * math.pi, 10)])]
+
+
+def _shape_band(rng: np.random.Generator) -> list[Polygon]:
+    return [_box(-1.0, -0.36, 1.0, 0.36)]
+
+
+def _shape_wideband(rng: np.random.Generator) -> list[Polygon]:
+    return [_box(-1.0, -0.45, 1.0, 0.45)]
+
+
+def _shape_plus(rng: np.random.Generator) -> list[Polygon]:
+    w = 0.4
+    return [np.array([(1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w),
+                      (-w, -1), (w, -1), (w, -w), (1, -w)], dtype=np.float64)]
+
+
+def _shape_tee(rng: np.random.Generator) -> list[Polygon]:
+    return [np.array([(-1, 1), (-1, 0.3), (-0.3, 0.3), (-0.3, -1), (0.3, -1), (0.3, 0.3),
+                      (1, 0.3), (1, 1)], dtype=np.float64)]
+
+
+def _shape_ell(rng: np.random.Generator) -> list[Polygon]:
+    return [np.array([(-1, -1), (0.0, -1), (0.0, 0.0), (1, 0.0), (1, 1), (-1, 1)],
+                     dtype=np.float64)]
+
+
+def _shape_you(rng: np.random.Generator) -> list[Polygon]:
+    return [np.array([(-1, -1), (-0.4, -1), (-0.4, 0.2), (0.4, 0.2), (0.4, -1), (1, -1),
+                      (1, 1), (-1, 1)], dtype=np.float64)]
+
+
+def _shape_comb(rng: np.random.Generator) -> list[Polygon]:
+    """A quay with three piers."""
+    return [np.array([(-1, 1), (-1, -1), (-0.55, -1), (-0.55, 0.2), (-0.22, 0.2), (-0.22, -1),
+                      (0.22, -1), (0.22, 0.2), (0.55, 0.2), (0.55, -1), (1, -1), (1, 1)],
+                     dtype=np.float64)]
+
+
+def _shape_sector(rng: np.random.Generator) -> list[Polygon]:
+    return [np.concatenate([np.array([[-0.7, 0.7]]),
+                            np.array([-0.7, 0.7]) + _arc(1.6, 1.6, -math.pi / 2, 0.0, 12)])]
+
+
+def _shape_arc(rng: np.random.Generator) -> list[Polygon]:
+    outer = _arc(1.0, 1.0, 1.2 * math.pi, 1.8 * math.pi, 12)
+    inner = _arc(0.4, 0.4, 1.8 * math.pi, 1.2 * math.pi, 8)
+    return [np.concatenate([outer, inner]) + np.array([0.0, 0.6])]
+
+
+def _shape_ring(rng: np.random.Generator) -> list[Polygon]:
+    """An annulus split into two halves with a gap (a multi-part object)."""
+    gap = 0.12
+    a_out, a_in = math.asin(gap / 1.0), math.asin(gap / 0.45)
+    halves = []
+    for sign in (1.0, -1.0):
+        outer = _arc(1.0, 1.0, a_out, math.pi - a_out, 12)
+        inner = _arc(0.45, 0.45, math.pi - a_in, a_in, 8)
+        half = np.concatenate([outer, inner])
+        half[:, 1] *= sign
+        halves.append(half)
+    return halves
+
+
+def _shape_twin(rng: np.random.Generator) -> list[Polygon]:
+    return [_box(-1.0, -0.6, -0.12, 0.6), _box(0.12, -0.6, 1.0, 0.6)]
+
+
+def _shape_truck(rng: np.random.Generator) -> list[Polygon]:
+    return [_box(-1.0, -0.45, 0.3, 0.45), _box(0.55, -0.4, 1.0, 0.4)]
+
+
+def _shape_bars(rng: np.random.Generator) -> list[Polygon]:
+    return [_box(-1.0, y - 0.24, 1.0, y + 0.24) for y in (-0.76, 0.0, 0.76)]
+
+
+def _shape_dashes(rng: np.random.Generator) -> list[Polygon]:
+    return [_box(x - 0.25, -0.4, x + 0.25, 0.4) for x in (-0.75, 0.0, 0.75)]
+
+
+def _shape_blob(rng: np.random.Generator) -> list[Polygon]:
+    """An irregular rounded outline (trees, vegetation, golf courses): a wobbly 24-gon."""
+    t = np.arange(24) * (2 * math.pi / 24)
+    r = np.ones_like(t)
+    for k in (2, 3, 5):
+        r += rng.uniform(0.04, 0.12) * np.cos(k * t + rng.uniform(0, 2 * math.pi))
+    return [np.stack([r * np.cos(t), r * np.sin(t)], axis=1)]
+
+
+def _shape_patch(rng: np.random.Generator) -> list[Polygon]:
+    """An irregular convex quadrilateral (paved areas)."""
+    corners = [(1, 1), (-1, 1), (-1, -1), (1, -1)]
+    return [np.array([(x * rng.uniform(0.75, 1.0), y * rng.uniform(0.75, 1.0)) for x, y in corners])]
+
+
+SHAPES: dict[str, Callable[[np.random.Generator], list[Polygon]]] = {
+    "plane": _shape_plane, "boat": _shape_boat, "star": _shape_star, "disc": _shape_disc,
+    "ellipse": _shape_ellipse, "triangle": _shape_triangle, "rect": _shape_rect, "long": _shape_long,
+    "rounded": _shape_rounded, "capsule": _shape_capsule, "band": _shape_band,
+    "wideband": _shape_wideband, "plus": _shape_plus, "tee": _shape_tee, "ell": _shape_ell,
+    "you": _shape_you, "comb": _shape_comb, "sector": _shape_sector, "arc": _shape_arc,
+    "ring": _shape_ring, "twin": _shape_twin, "truck": _shape_truck, "bars": _shape_bars,
+    "dashes": _shape_dashes, "blob": _shape_blob, "patch": _shape_patch,
+}
+# Long thin shapes follow the long side of the space they are placed in.
+ELONGATED = frozenset({"band", "wideband", "long", "boat", "capsule", "dashes", "truck"})
+# Shapes that still look like themselves when stretched a little to fill their space.
+STRETCHABLE = frozenset({"rect", "rounded", "tee", "ell", "you", "comb", "sector", "twin", "bars",
+                         "blob", "patch", "plus", "ellipse"})
+ROUND = frozenset({"disc", "ring"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: layout, placement and rasterisation
+# ---------------------------------------------------------------------------------------------
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+
+
+def split_regions(rng: np.random.Generator, size: int, count: int) -> list[Box]:
+    """Cut the image into ``count`` boxes: split the largest box across its long side (40-60 %), repeat."""
+    def area(box: Box) -> float:
+        return (box[2] - box[0]) * (box[3] - box[1])
+
+    regions: list[Box] = [(0.0, 0.0, float(size), float(size))]
+    while len(regions) < count:
+        x0, y0, x1, y1 = regions.pop(max(range(len(regions)), key=lambda k: area(regions[k])))
+        f = rng.uniform(0.4, 0.6)
+        if (x1 - x0) > (y1 - y0) or ((x1 - x0) == (y1 - y0) and rng.random() < 0.5):
+            xm = x0 + f * (x1 - x0)
+            regions += [(x0, y0, xm, y1), (xm, y0, x1, y1)]
+        else:
+            ym = y0 + f * (y1 - y0)
+            regions += [(x0, y0, x1, ym), (x0, ym, x1, y1)]
+    order = rng.permutation(len(regions))
+    return [regions[k] for k in order]
+
+
+def place_shape(rng: np.random.Generator, shape: str, region: Box, margin: float) -> list[Polygon]:
+    """Rotate, scale and move a shape's polygons so that they fill most of ``region`` (minus a margin).
+
+    Shapes are turned by a multiple of 90 degrees plus a small tilt (long shapes along the long
+    side of the region) and stretched a little to fit it (not at all if ``ROUND``, up to 1.5x if
+    ``STRETCHABLE``, else up to 1.2x).
+    """
+    polys = SHAPES[shape](rng)
+    x0, y0, x1, y1 = region[0] + margin, region[1] + margin, region[2] - margin, region[3] - margin
+    w, h = x1 - x0, y1 - y0
+    if shape in ELONGATED:
+        quarter = (0 if w >= h else 1) + 2 * int(rng.integers(2))
+    else:
+        quarter = int(rng.integers(4))
+    angle = quarter * math.pi / 2 + rng.uniform(-0.3, 0.3)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    polys = [p @ rot.T for p in polys]
+    pts = np.concatenate(polys)
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    fill = rng.uniform(0.85, 1.0)
+    sx, sy = fill * w / (hi[0] - lo[0]), fill * h / (hi[1] - lo[1])
+    stretch = 1.0 if shape in ROUND else 1.5 if shape in STRETCHABLE else 1.2
+    sx, sy = min(sx, stretch * sy), min(sy, stretch * sx)
+    scale = np.array([sx, sy])
+    ext = (hi - lo) * scale
+    offset = np.array([x0 + rng.uniform(0, w - ext[0]), y0 + rng.uniform(0, h - ext[1])])
+    # Two decimals, as stored in the annotation: the masks are rasterised from these numbers.
+    return [np.round((p - lo) * scale + offset, 2) for p in polys]
+
+
+def rasterise(polygons: Sequence[Polygon], size: int) -> np.ndarray:
+    """Per-part masks ``(n_parts, size, size)`` uint8, rasterised by pycocotools like the loader does."""
+    rles = mask_utils.frPyObjects([[float(v) for v in p.reshape(-1)] for p in polygons], size, size)
+    return np.ascontiguousarray(np.transpose(mask_utils.decode(rles), (2, 0, 1)))
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """4-neighbour binary erosion (pixels outside the image count as background)."""
+    m = np.pad(mask.astype(bool), 1)
+    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in about [-1, 1]: a random ``cells x cells`` grid, bilinearly upsampled."""
+    grid = rng.uniform(-1, 1, (cells, cells))
+    pos = (np.arange(size) + 0.5) * (cells - 1) / size
+    i0 = np.clip(np.floor(pos).astype(int), 0, cells - 2)
+    frac = pos - i0
+    interp = np.zeros((size, cells))
+    interp[np.arange(size), i0] = 1 - frac
+    interp[np.arange(size), i0 + 1] = frac
+    return interp @ grid @ interp.T
+
+
+def render_background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """An aerial-looking field texture ``(size, size, 3)`` float and its base colour ``(3,)``."""
+    base_rgb, track_rgb = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    base = np.array(base_rgb, dtype=np.float64) + rng.uniform(-8, 8, 3)
+    img = np.broadcast_to(base, (size, size, 3)).copy()
+    img += 16 * _smooth_noise(rng, size, int(rng.integers(3, 7)))[..., None]
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    a = rng.uniform(0, 2 * math.pi)
+    img += 12 * ((xx - 0.5) * math.cos(a) + (yy - 0.5) * math.sin(a))[..., None]
+    for _ in range(int(rng.integers(0, 4))):  # field parcels with a slightly different tint
+        x0, y0 = rng.uniform(0, 0.8, 2)
+        x1, y1 = x0 + rng.uniform(0.2, 0.6), y0 + rng.uniform(0.2, 0.6)
+        parcel = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+        img[parcel] += rng.uniform(-14, 14, 3)
+    for _ in range(int(rng.integers(0, 3))):  # tracks / roads as straight bands
+        a = rng.uniform(0, math.pi)
+        px, py = rng.uniform(0.2, 0.8, 2)
+        dist = np.abs((xx - px) * -math.sin(a) + (yy - py) * math.cos(a)) * size
+        img[dist < rng.uniform(1.0, 2.2)] = np.array(track_rgb) + rng.uniform(-6, 6, 3)
+    img += rng.normal(0, 5, img.shape)
+    return img, base
+
+
+def paint_object(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, colour: str) -> None:
+    """Paint an object in place: its colour with jitter, shading, grain and a darker rim."""
+    region = mask.astype(bool)
+    ys, xs = np.nonzero(region)
+    rgb = np.array(COLOURS[colour], dtype=np.float64) + rng.uniform(-10, 10, 3)
+    a = rng.uniform(0, 2 * math.pi)
+    span = max(np.ptp(xs), np.ptp(ys), 1)
+    shade = 10 * ((xs - xs.mean()) * math.cos(a) + (ys - ys.mean()) * math.sin(a)) / span
+    img[ys, xs] = rgb + shade[:, None] + rng.normal(0, 4, (len(xs), 3))
+    rim = region & ~_erode(region)
+    img[rim] *= 0.7  # a dark rim keeps the outline visible whatever the background
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SceneObject:
+    """One drawn object: class, colour, its polygons (image coordinates) and its pixel mask."""
+
+    name: str
+    colour: str
+    polygons: list[Polygon]
+    mask: np.ndarray            # (H, W) uint8 0/1, the union of the parts
+    rle: bool = False           # store the annotation as compressed RLE instead of polygons
+    area: int = field(init=False)
+    cx: float = field(init=False)
+    cy: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        ys, xs = np.nonzero(self.mask)
+        self.area = int(len(xs))
+        self.cx, self.cy = float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+
+    def bbox(self) -> list[int]:
+        """COCO box ``[x, y, w, h]`` of the mask."""
+        ys, xs = np.nonzero(self.mask)
+        return [int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)]
+
+
+@dataclass
+class Scene:
+    image: np.ndarray           # (H, W, 3) uint8
+    objects: list[SceneObject]
+
+
+def sample_scene(rng: np.random.Generator, size: int, styles: dict[str, ClassStyle],
+                 rle_prob: float = 0.0) -> Scene:
+    """Draw one image: background plus 3-5 non-overlapping objects (at least one class twice)."""
+    img, base = render_background(rng, size)
+    counts = LAYOUTS[rng.integers(len(LAYOUTS))]
+    # Only classes with a colour that stands out from this background.
+    def visible(c: str) -> list[str]:
+        return [k for k in styles[c].colours if np.linalg.norm(np.array(COLOURS[k]) - base) >= MIN_CONTRAST]
+    usable = [c for c in styles if visible(c)]
+    names = [usable[i] for i in rng.choice(len(usable), size=len(counts), replace=False)]
+    instances = [n for n, c in zip(names, counts) for _ in range(c)]
+    regions = split_regions(rng, size, len(instances))
+    margin = max(1.0, size / 64)  # objects keep at least 2 margins apart
+    objects: list[SceneObject] = []
+    for name, region in zip(instances, regions):
+        shape = styles[name].shape
+        for _ in range(20):
+            polys = place_shape(rng, shape, region, margin)
+            parts = rasterise(polys, size)
+            part_areas = parts.reshape(len(parts), -1).sum(axis=1)
+            # Every part visible and no pixel in two parts (the loader would make it a hole).
+            if part_areas.min() >= 3 and parts.sum(axis=0).max() <= 1:
+                break
+        else:  # pragma: no cover - the shapes above always fit at the supported sizes
+            raise RuntimeError(f"could not place a {shape!r} in {region} at image size {size}")
+        colours = visible(name)
+        colour = colours[rng.integers(len(colours))]
+        mask = parts.sum(axis=0).astype(np.uint8)
+        objects.append(SceneObject(name, colour, polys, mask, rle=bool(rng.random() < rle_prob)))
+        paint_object(rng, img, mask, colour)
+    return Scene(np.clip(np.rint(img), 0, 255).astype(np.uint8), objects)
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+
+# Position descriptors: (vertical third, horizontal third); None = that axis is not constrained.
+POSITION_PHRASES: dict[tuple[str | None, str | None], tuple[str, ...]] = {
+    ("top", "left"): ("at the top left", "in the top left corner", "in the upper left"),
+    ("top", "right"): ("at the top right", "in the top right corner", "in the upper right"),
+    ("bottom", "left"): ("at the bottom left", "in the bottom left corner", "in the lower left"),
+    ("bottom", "right"): ("at the bottom right", "in the bottom right corner", "in the lower right"),
+    ("top", None): ("at the top", "on the top"),
+    ("bottom", None): ("at the bottom", "on the bottom"),
+    (None, "left"): ("on the left", "on the left side"),
+    (None, "right"): ("on the right", "on the right side"),
+    ("middle", "middle"): ("in the middle", "in the center"),
+}
+THIRDS = {"top": 0, "left": 0, "middle": 1, "bottom": 2, "right": 2}
+RELATION_PHRASES: dict[str, tuple[str, ...]] = {
+    "near": ("near the {}", "next to the {}", "beside the {}"),
+    "left": ("to the left of the {}", "on the left of the {}"),
+    "right": ("to the right of the {}", "on the right of the {}"),
+    "above": ("above the {}",),
+    "below": ("below the {}",),
+}
+SIZE_WORDS = {"large": ("large", "big"), "small": ("small", "little")}
+SIZE_RATIO = 1.6       # "large"/"small" only when the areas differ at least this much
+POSITION_MARGIN = 0.04  # fraction of the image: centroids this close to a third line are "unsure"
+
+
+def _in_third(value: float, third: int, size: int, slack: float) -> bool:
+    """Is ``value`` inside third ``third`` of ``[0, size)`` grown by ``slack`` pixels (shrunk if < 0)?"""
+    return third * size / 3 - slack <= value < (third + 1) * size / 3 + slack
+
+
+def position_holds(obj: SceneObject, key: tuple[str | None, str | None], size: int, sure: bool) -> bool:
+    """Does descriptor ``key`` hold for ``obj``?  ``sure``: clearly inside; otherwise: possibly inside."""
+    slack = -POSITION_MARGIN * size if sure else POSITION_MARGIN * size
+    v, h = key
+    return ((v is None or _in_third(obj.cy, THIRDS[v], size, slack))
+            and (h is None or _in_third(obj.cx, THIRDS[h], size, slack)))
+
+
+def relation_holds(obj: SceneObject, kind: str, mark: SceneObject, size: int, sure: bool) -> bool:
+    """Does ``obj`` stand in relation ``kind`` (left/right/above/below) to landmark ``mark``?
+
+    ``sure``: clearly (a fifth of the image away, roughly level); otherwise: possibly.
+    """
+    dx, dy = obj.cx - mark.cx, obj.cy - mark.cy
+    along, across = {"left": (-dx, dy), "right": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[kind]
+    if sure:
+        return along >= 0.2 * size and abs(across) <= 0.3 * size
+    return along >= 0.05 * size and abs(across) <= 0.4 * size
+
+
+def _distance(a: SceneObject, b: SceneObject) -> float:
+    return math.hypot(a.cx - b.cx, a.cy - b.cy)
+
+
+@dataclass
+class Cues:
+    """What can be said about a target: ``unique`` cues single it out among its own class,
+    ``true`` cues merely hold for it.  Entries are (kind, value) pairs."""
+
+    unique: list[tuple[str, object]]
+    true: list[tuple[str, object]]
+
+
+def target_cues(scene: Scene, index: int, size: int) -> Cues:
+    """Colour, size, position and landmark-relation cues of object ``index`` in ``scene``."""
+    t = scene.objects[index]
+    same = [o for i, o in enumerate(scene.objects) if i != index and o.name == t.name]
+    landmarks = [o for o in scene.objects
+                 if o.name != t.name and sum(p.name == o.name for p in scene.objects) == 1]
+    unique: list[tuple[str, object]] = []
+    true: list[tuple[str, object]] = [("colour", t.colour)]
+    if same and all(o.colour != t.colour for o in same):
+        unique.append(("colour", t.colour))
+    if same and all(t.area >= SIZE_RATIO * o.area for o in same):
+        unique.append(("size", "large"))
+    if same and all(o.area >= SIZE_RATIO * t.area for o in same):
+        unique.append(("size", "small"))
+    for key in POSITION_PHRASES:
+        if position_holds(t, key, size, sure=True):
+            true.append(("position", key))
+            if same and not any(position_holds(o, key, size, sure=False) for o in same):
+                unique.append(("position", key))
+    for mark in landmarks:
+        d = _distance(t, mark)
+        if d <= 0.55 * size:
+            true.append(("relation", ("near", mark.name)))
+            if same and all(_distance(o, mark) >= SIZE_RATIO * d for o in same):
+                unique.append(("relation", ("near", mark.name)))
+        for kind in ("left", "right", "above", "below"):
+            if relation_holds(t, kind, mark, size, sure=True):
+                true.append(("relation", (kind, mark.name)))
+                if same and not any(relation_holds(o, kind, mark, size, sure=False) for o in same):
+                    unique.append(("relation", (kind, mark.name)))
+    if same:  # a unique size word is also a true one
+        true += [c for c in unique if c[0] == "size"]
+    return Cues(unique, true)
+
+
+def _pick(rng: np.random.Generator, items: Sequence):
+    return items[rng.integers(len(items))]
+
+
+def compose_caption(rng: np.random.Generator, name: str, cues: Cues, needs_cue: bool,
+                    bare_prob: float = 0.0) -> str | None:
+    """One lower-case caption for a target of class ``name``.
+
+    When other objects share the class (``needs_cue``), one unique cue is always used; further
+    (merely true) attributes may be added.  Returns None when the target cannot be singled out.
+    """
+    if needs_cue and not cues.unique:
+        return None
+    adjectives: dict[str, str] = {}
+    tail: str | None = None
+
+    def phrase(kind: str, value) -> str:
+        if kind == "position":
+            return _pick(rng, POSITION_PHRASES[value])
+        relation, mark = value
+        return _pick(rng, RELATION_PHRASES[relation]).format(mark)
+
+    if needs_cue:
+        kind, value = _pick(rng, cues.unique)
+        if kind in ("colour", "size"):
+            adjectives[kind] = value if kind == "colour" else _pick(rng, SIZE_WORDS[value])
+        else:
+            tail = phrase(kind, value)
+    if "colour" not in adjectives and rng.random() < (0.25 if needs_cue else 0.35):
+        adjectives["colour"] = next(v for k, v in cues.true if k == "colour")
+    if tail is None and rng.random() < (0.35 if needs_cue else 0.65):
+        places = [c for c in cues.true if c[0] in ("position", "relation")]
+        if places:
+            tail = phrase(*_pick(rng, places))
+    r = rng.random()
+    det = "" if r < bare_prob else ("a" if r < bare_prob + 0.15 else "the")
+    words = [det, adjectives.get("size", ""), adjectives.get("colour", ""), name, tail or ""]
+    return " ".join(w for w in words if w)
+
+
+@dataclass
+class Ref:
+    """A described target: index of the object in its scene and one or more captions."""
+
+    target: int
+    sentences: list[str]
+
+
+def describe_scene(rng: np.random.Generator, scene: Scene, size: int, refs_per_image: int,
+                   second_sentence_prob: float = 0.0, bare_prob: float = 0.0) -> list[Ref]:
+    """Pick up to ``refs_per_image`` targets -- two of one repeated class first, so the image
+    alone never tells which object is meant -- and caption each."""
+    captions: dict[int, list[str]] = {}
+    for i, obj in enumerate(scene.objects):
+        cues = target_cues(scene, i, size)
+        needs_cue = sum(o.name == obj.name for o in scene.objects) > 1
+        text = compose_caption(rng, obj.name, cues, needs_cue, bare_prob)
+        if text is not None:
+            captions[i] = [text]
+            if rng.random() < second_sentence_prob:
+                for _ in range(5):
+                    other = compose_caption(rng, obj.name, cues, needs_cue, bare_prob)
+                    if other is not None and other != text:
+                        captions[i].append(other)
+                        break
+    groups: dict[str, list[int]] = {}
+    for i in captions:
+        groups.setdefault(scene.objects[i].name, []).append(i)
+    repeated = [g for g in groups.values() if len(g) > 1]
+    chosen: list[int] = []
+    if repeated:
+        group = _pick(rng, repeated)
+        chosen += [int(i) for i in rng.permutation(group)[:2]]
+    rest = [i for i in captions if i not in chosen]
+    # Prefer targets of classes not yet chosen, then anything else.
+    fresh = [i for i in rest if scene.objects[i].name not in {scene.objects[c].name for c in chosen}]
+    others = [i for i in rest if i not in fresh]
+    chosen += [int(i) for i in rng.permutation(fresh)] + [int(i) for i in rng.permutation(others)]
+    chosen = chosen[:refs_per_image]
+    order = rng.permutation(len(chosen))
+    refs = [Ref(chosen[k], captions[chosen[k]]) for k in order]
+    seen: set[str] = set()
+    for ref in refs:  # a caption singles out one object, so no two targets can share one
+        assert not seen & set(ref.sentences), "duplicate caption within one image"
+        seen |= set(ref.sentences)
+    return refs
+
+
+def sample_described_scene(rng: np.random.Generator, size: int, styles: dict[str, ClassStyle],
+                           refs_per_image: int, rle_prob: float = 0.0, second_sentence_prob: float = 0.0,
+                           bare_prob: float = 0.0, tries: int = 20) -> tuple[Scene, list[Ref]]:
+    """A scene with its refs; resampled until two targets share a class and enough refs exist."""
+    for _ in range(tries):
+        scene = sample_scene(rng, size, styles, rle_prob)
+        refs = describe_scene(rng, scene, size, refs_per_image, second_sentence_prob, bare_prob)
+        names = [scene.objects[r.target].name for r in refs]
+        enough = len(refs) >= min(refs_per_image, len(scene.objects))
+        shared_class = refs_per_image < 2 or len(set(names)) < len(names)
+        if enough and shared_class:
+            break
+    return scene, refs
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+# ---------------------------------------------------------------------------------------------
+
+def _word_tokens(text: str) -> list[str]:
+    """Words and punctuation marks, as BERT's basic tokenizer splits a lower-case sentence."""
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def _encode_rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _split_counts(num_images: int, num_val: int | None, num_test: int | None) -> dict[str, int]:
+    counts = {"train": num_images,
+              "val": max(1, round(num_images / 6)) if num_val is None else num_val,
+              "test": max(1, round(num_images / 4)) if num_test is None else num_test}
+    for split, n in counts.items():
+        flag = "--num_images" if split == "train" else f"--num_{split}"
+        if int(n) != n or n < 1:
+            raise SyntheticDataError(f"{flag} must be a positive integer, got {n!r}")
+    return counts
+
+
+def write_rrsisd(root: Path, rng: np.random.Generator, counts: dict[str, int], size: int,
+                 refs_per_image: int) -> dict[str, dict[str, int]]:
+    """Write the REFER-layout dataset under ``root``; returns per-split image/ref/sentence counts."""
+    image_dir = root / "images" / "rrsisd" / "JPEGImages"
+    ann_dir = root / "rrsisd"
+    image_dir.mkdir(parents=True)
+    ann_dir.mkdir(parents=True)
+    category_id = {name: i + 1 for i, name in enumerate(RRSISD_CLASSES)}
+    images, annotations, refs = [], [], []
+    stats = {s: {"images": 0, "refs": 0, "sentences": 0} for s in SPLITS}
+    image_id = ann_id = sent_id = 0
+    for split in SPLITS:
+        for _ in range(counts[split]):
+            scene, scene_refs = sample_described_scene(
+                rng, size, RRSISD_STYLES, refs_per_image, rle_prob=0.1, second_sentence_prob=0.05)
+            image_id += 1
+            file_name = f"{image_id:05d}.jpg"
+            Image.fromarray(scene.image).save(image_dir / file_name, quality=95, subsampling=0)
+            images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+            ann_ids = []
+            for obj in scene.objects:
+                ann_id += 1
+                ann_ids.append(ann_id)
+                if obj.rle:
+                    segmentation: list = [_encode_rle(obj.mask)]
+                else:
+                    segmentation = [[float(v) for v in p.reshape(-1)] for p in obj.polygons]
+                annotations.append({"id": ann_id, "image_id": image_id,
+                                    "category_id": category_id[obj.name],
+                                    "segmentation": segmentation, "area": float(obj.area),
+                                    "bbox": [float(v) for v in obj.bbox()], "iscrowd": 0})
+            for ref in scene_refs:
+                obj = scene.objects[ref.target]
+                sentences = []
+                for text in ref.sentences:
+                    sentences.append({"tokens": _word_tokens(text), "raw": text, "sent_id": sent_id,
+                                      "sent": text})
+                    sent_id += 1
+                refs.append({"ref_id": len(refs), "ann_id": ann_ids[ref.target],
+                             "image_id": image_id, "category_id": category_id[obj.name],
+                             "split": split, "sent_ids": [s["sent_id"] for s in sentences],
+                             "sentences": sentences, "file_name": file_name})
+                stats[split]["sentences"] += len(sentences)
+            stats[split]["images"] += 1
+            stats[split]["refs"] += len(scene_refs)
+    instances = {"images": images, "annotations": annotations,
+                 "categories": [{"id": i, "name": n} for n, i in category_id.items()]}
+    (ann_dir / "instances.json").write_text(json.dumps(instances))
+    with open(ann_dir / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    return stats
+
+
+def write_refsegrs(root: Path, rng: np.random.Generator, counts: dict[str, int], size: int,
+                   refs_per_image: int) -> dict[str, dict[str, int]]:
+    """Write the RefSegRS layout: one sample id (own image and mask file) per phrase line."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir(parents=True)
+    stats = {s: {"images": 0, "refs": 0, "sentences": 0} for s in SPLITS}
+    sample_id = 0
+    for split in SPLITS:
+        lines = []
+        for _ in range(counts[split]):
+            scene, scene_refs = sample_described_scene(rng, size, REFSEGRS_STYLES, refs_per_image,
+                                                       bare_prob=0.15)
+            for ref in scene_refs:
+                Image.fromarray(scene.image).save(root / "images" / f"{sample_id}.tif")
+                mask = scene.objects[ref.target].mask * np.uint8(255)
+                Image.fromarray(mask).save(root / "masks" / f"{sample_id}.tif")
+                lines.append(f"{sample_id} {ref.sentences[0]}\n")
+                sample_id += 1
+            stats[split]["images"] += 1
+            stats[split]["refs"] += len(scene_refs)
+            stats[split]["sentences"] += len(scene_refs)
+        (root / f"output_phrase_{split}.txt").write_text("".join(lines))
+    return stats
+
+
+BERT_CONFIG = {
+    "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+    "max_position_embeddings": 64, "type_vocab_size": 2, "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "layer_norm_eps": 1e-12,
+    "initializer_range": 0.02, "pad_token_id": 0,
+}
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_vocab(captions: Sequence[str]) -> list[str]:
+    """Specials, every caption word / punctuation mark (sorted), then single characters and
+    ``##`` continuation characters so that any ASCII word still tokenizes without ``[UNK]``."""
+    words = sorted({w for c in captions for w in _word_tokens(c)})
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    extra = chars + [f"##{c}" for c in chars] + list(".,;:!?'\"-()/&")
+    vocab = list(SPECIAL_TOKENS) + words
+    known = set(vocab)
+    vocab += sorted(t for t in set(extra) if t not in known)
+    return vocab
+
+
+def write_bert(root: Path, captions: Sequence[str]) -> int:
+    """Write the tiny BERT folder; returns the vocabulary size."""
+    root.mkdir(parents=True)
+    vocab = build_vocab(captions)
+    (root / "vocab.txt").write_text("".join(f"{t}\n" for t in vocab))
+    config = dict(BERT_CONFIG, vocab_size=len(vocab))
+    (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tok = {"do_lower_case": True, "tokenizer_class": "BertTokenizer", "model_max_length": 64}
+    (root / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
+    return len(vocab)
+
+
+def _read_captions(rrsisd: Path, refsegrs: Path) -> list[str]:
+    with open(rrsisd / "rrsisd" / "refs(unc).p", "rb") as f:
+        refs = pickle.load(f)  # our own file, written a moment ago
+    captions = [s["raw"] for r in refs for s in r["sentences"]]
+    for split in SPLITS:
+        for line in (refsegrs / f"output_phrase_{split}.txt").read_text().splitlines():
+            captions.append(line.split(" ", 1)[1])
+    return captions
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+MARKER = "synthetic.json"  # written into DIR; lets a later run replace our own output safely
+
+
+def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_size: int = 64,
+             num_val: int | None = None, num_test: int | None = None, refs_per_image: int = 3,
+             verbose: bool = False) -> dict[str, Path]:
+    """Write the synthetic RRSIS-D, RefSegRS and tiny-BERT folders under ``out_dir``.
+
+    ``num_images`` is the number of training images per dataset; validation and test default to
+    a sixth and a quarter of it.  Returns ``{"rrsisd": ..., "refsegrs": ..., "bert": ...}``.
+    """
+    if int(image_size) != image_size or image_size < 32:
+        raise SyntheticDataError(f"--image_size must be an integer >= 32, got {image_size!r}")
+    if int(refs_per_image) != refs_per_image or refs_per_image < 1:
+        raise SyntheticDataError(f"--refs_per_image must be a positive integer, got {refs_per_image!r}")
+    counts = _split_counts(num_images, num_val, num_test)
+    out = Path(out_dir)
+    paths = {"rrsisd": out / "rrsisd", "refsegrs": out / "refsegrs", "bert": out / "bert"}
+    if out.exists() and not out.is_dir():
+        raise SyntheticDataError(f"--out {out} exists and is not a folder")
+    ours = (out / MARKER).is_file()
+    for p in paths.values():
+        if p.exists():
+            if not ours:
+                raise SyntheticDataError(
+                    f"--out {out}: {p} already exists and was not written by data.synthetic; "
+                    "choose an empty folder")
+            shutil.rmtree(p)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"seed": int(seed), "num_images": counts, "image_size": int(image_size),
+                "refs_per_image": int(refs_per_image)}
+    (out / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
+
+    rrsisd_seed, refsegrs_seed = np.random.SeedSequence(int(seed)).spawn(2)
+    stats = {
+        "rrsisd": write_rrsisd(paths["rrsisd"], np.random.default_rng(rrsisd_seed), counts,
+                               int(image_size), int(refs_per_image)),
+        "refsegrs": write_refsegrs(paths["refsegrs"], np.random.default_rng(refsegrs_seed), counts,
+                                   int(image_size), int(refs_per_image)),
+    }
+    vocab_size = write_bert(paths["bert"], _read_captions(paths["rrsisd"], paths["refsegrs"]))
+    if verbose:
+        for name, per_split in stats.items():
+            parts = [f"{s} {v['images']} images / {v['refs']} refs / {v['sentences']} sentences"
+                     for s, v in per_split.items()]
+            print(f"{name}: " + "; ".join(parts))
+        print(f"rrsisd:   --refer_data_root {paths['rrsisd']} --dataset rrsisd")
+        print(f"refsegrs: --refer_data_root {paths['refsegrs']} --dataset refsegrs")
+        print(f"bert:     --bert_tokenizer {paths['bert']} (vocabulary of {vocab_size} tokens)")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_images", type=int, default=120, help="training images per dataset")
+    parser.add_argument("--num_val", type=int, default=None, help="validation images (default num_images/6)")
+    parser.add_argument("--num_test", type=int, default=None, help="test images (default num_images/4)")
+    parser.add_argument("--image_size", type=int, default=64, help="image side in pixels (>= 32)")
+    parser.add_argument("--refs_per_image", type=int, default=3, help="refs (targets) per image")
+    args = parser.parse_args(argv)
+    try:
+        generate(args.out, seed=args.seed, num_images=args.num_images, image_size=args.image_size,
+                 num_val=args.num_val, num_test=args.num_test, refs_per_image=args.refs_per_image,
+                 verbose=True)
+    except (SyntheticDataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
