@@ -223,3 +223,19 @@ def config_from_fixture(fixture_config: Mapping[str, Any]) -> dict[str, Any]:
     if spec.from_fixture is not None:
         spec.from_fixture(fixture_config, cfg)
     return cfg
+
+
+# A deliberately tiny BERT for tests, quick starts and the `--setting tiny` benchmark.
+TINY_BERT: dict[str, Any] = {
+    "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+    "intermediate_size": 64, "max_position_embeddings": 64, "type_vocab_size": 2,
+}
+
+
+def tiny_model_config(name: str, **kwargs: Any) -> dict[str, Any]:
+    """`model_config` with tiny widths (Swin embed 16, depths 2-2-2-2, heads 1-2-4-8, window 7) and a
+    one-layer 32-wide BERT: seconds on a CPU. Keywords override `model_config` arguments."""
+    kwargs.setdefault("swin_overrides", {"embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8]})
+    kwargs.setdefault("bert", TINY_BERT)
+    kwargs.setdefault("window_size", 7)
+    return model_config(name, **kwargs)
