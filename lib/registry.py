@@ -79,10 +79,34 @@ def _fianet_from_fixture(fx: Mapping, cfg: dict) -> None:
     cfg["num_tmem"] = int(fx.get("num_tmem", tmem.get("num_blocks", cfg["num_tmem"])))
 
 
+def _configure_rmsin(cfg: dict, extra: dict) -> None:
+    # CIM over the stage widths; the attention head layout is fixed in the original (rmsin.md §3.3).
+    # Grid and token counts are derived from cfg["img_size"] in lib.rmsin.
+    e = cfg["swin"]["embed_dim"]
+    cfg["cim"] = {"channels": [e * 2 ** i for i in range(len(cfg["swin"]["depths"]))], "num_blocks": 1,
+                  "mlp_ratio": 2, "key_dim": 32, "num_heads": 8, "attn_ratio": 2}
+    cfg["arc"] = {"kernel_number": 1}
+
+
+def _rmsin_from_fixture(fx: Mapping, cfg: dict) -> None:
+    cim = fx.get("cim", {})
+    if "channels" in cim:
+        cfg["cim"]["channels"] = [int(c) for c in cim["channels"]]
+    cfg["cim"]["num_blocks"] = int(cim.get("num_layers", cfg["cim"]["num_blocks"]))
+    csa = cim.get("CrossScaleAttention", {})
+    for key in ("key_dim", "num_heads", "attn_ratio"):
+        if key in csa:
+            cfg["cim"][key] = int(csa[key])
+    size = fx.get("img_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and int(size[0]) != int(size[1]):
+        cfg["img_size"] = [int(size[0]), int(size[1])]
+
+
 _MODELS: dict[str, ModelSpec] = {
     "lavt": ModelSpec("lib.lavt:LAVT"),
     "lavt_one": ModelSpec("lib.lavt:LAVTOne"),
     "fianet": ModelSpec("lib.fianet:FIANet", _configure_fianet, _fianet_from_fixture, ("num_tmem",)),
+    "rmsin": ModelSpec("lib.rmsin:RMSIN", _configure_rmsin, _rmsin_from_fixture),
 }
 
 
