@@ -61,6 +61,8 @@ class ModelSpec:
     configure: Callable[[dict, dict], None] | None = None
     from_fixture: Callable[[Mapping, dict], None] | None = None
     extras: tuple[str, ...] = field(default_factory=tuple)
+    # Converts a fixture whose config has a schema of its own (CrossVLT) straight into our config.
+    fixture_schema: Callable[[Mapping], dict] | None = None
 
 
 def _configure_fianet(cfg: dict, extra: dict) -> None:
@@ -102,10 +104,51 @@ def _rmsin_from_fixture(fx: Mapping, cfg: dict) -> None:
         cfg["img_size"] = [int(size[0]), int(size[1])]
 
 
+def _configure_crossvlt(cfg: dict, extra: dict) -> None:
+    """crossvlt.md §2.1: language stages of 6 + 1 + 1 + 1 BERT layers sharing one BERT config."""
+    layers = [int(n) for n in extra.get("bert_layers_per_stage", (6, 1, 1, 1))]
+    if len(layers) != 4 or min(layers) < 0:
+        raise ValueError(f"bert_layers_per_stage needs 4 non-negative layer counts, got {layers}")
+    cfg["bert_layers_per_stage"] = layers
+    cfg["bert_stage_configs"] = [dict(cfg["bert"], num_hidden_layers=n) for n in layers]
+    cfg["alignment"] = {"learnable_temperature": bool(extra.get("learnable_temperature", False)),
+                        "weights": [1.0, 1.0, 1.0, 1.0]}
+    cfg["init_lang_from_bert"] = bool(extra.get("init_lang_from_bert", False))
+
+
+def _crossvlt_config_from_fixture(fx: Mapping) -> dict:
+    """CrossVLT fixtures (fixtures/README.md): ``segmodel_kwargs`` / ``swin`` sizes, four
+    ``bert_stage_configs`` (with ``vision_dim``), ``bert_layers_per_stage`` and ``decoder``."""
+    kw = {**fx.get("swin", {}), **fx.get("segmodel_kwargs", {})}
+    if kw.get("ape"):
+        raise ValueError("fixture uses an absolute position embedding (ape=True), which CrossVLT never does")
+    stage_cfgs = [dict(c) for c in fx["bert_stage_configs"]]
+    layers = [int(n) for n in (fx.get("bert_layers_per_stage") or [c["num_hidden_layers"] for c in stage_cfgs])]
+    if len(stage_cfgs) != 4 or len(layers) != 4:
+        raise ValueError(f"CrossVLT fixture needs 4 language stages, got {len(stage_cfgs)} configs / {len(layers)} counts")
+    if any(int(c.get("num_hidden_layers", n)) != n for c, n in zip(stage_cfgs, layers)):
+        raise ValueError(f"bert_layers_per_stage {layers} disagrees with the stage configs' num_hidden_layers")
+    overrides = {k: kw[k] for k in ("embed_dim", "depths", "num_heads", *SWIN_DEFAULTS) if k in kw}
+    cfg = model_config("crossvlt", window_size=int(kw["window_size"]), bert=stage_cfgs[0], swin_overrides=overrides,
+                       img_size=int(fx.get("img_size", [480])[0]), bert_layers_per_stage=layers)
+    cfg["bert_stage_configs"] = [dict(bert_config_dict(c), num_hidden_layers=n) for c, n in zip(stage_cfgs, layers)]
+    e = cfg["swin"]["embed_dim"]
+    for k, c in enumerate(stage_cfgs[1:], start=1):
+        if "vision_dim" in c and int(c["vision_dim"]) != e * 2 ** k:
+            raise ValueError(f"language stage {k + 1} vision_dim {c['vision_dim']} != width {e * 2 ** k} of vision stage {k}")
+    dec = fx.get("decoder", {})
+    if "c4_dims" in dec:
+        cfg["decoder"] = {"c4_dims": int(dec["c4_dims"]), "factor": int(dec.get("factor", 2))}
+    return cfg
+
+
 _MODELS: dict[str, ModelSpec] = {
     "lavt": ModelSpec("lib.lavt:LAVT"),
     "lavt_one": ModelSpec("lib.lavt:LAVTOne"),
     "fianet": ModelSpec("lib.fianet:FIANet", _configure_fianet, _fianet_from_fixture, ("num_tmem",)),
+    "crossvlt": ModelSpec("lib.crossvlt:CrossVLT", _configure_crossvlt,
+                          extras=("bert_layers_per_stage", "learnable_temperature", "init_lang_from_bert"),
+                          fixture_schema=_crossvlt_config_from_fixture),
     "rmsin": ModelSpec("lib.rmsin:RMSIN", _configure_rmsin, _rmsin_from_fixture),
 }
 
@@ -228,6 +271,8 @@ def config_from_fixture(fixture_config: Mapping[str, Any]) -> dict[str, Any]:
     """Convert a reference fixture's ``config`` (LAVT-builder schema, fixtures/README.md) into ours."""
     name = fixture_model_name(fixture_config)
     spec = _spec(name)
+    if spec.fixture_schema is not None:
+        return spec.fixture_schema(fixture_config)
     fs = fixture_config["swin"]
     if fs.get("ape"):
         raise ValueError("fixture uses an absolute position embedding (ape=True), which the LAVT family never does")
