@@ -111,14 +111,14 @@ class LAVTOne(nn.Module):
     def unused_parameter_names(self) -> list[str]:
         """Parameters that the reference never uses (no gradient): dead last-stage trunk updates
         and modules defined but never called. Train.py leaves them out of the optimiser."""
-        names = []
+        names: dict[str, None] = {}  # ordered set
         layers = self.backbone.layers
         for i, layer in enumerate(layers):
             dead = list(layer.always_dead) + (list(layer.dead_in_last_stage) if i == len(layers) - 1 else [])
             for mod in dead:
                 sub = layer.get_submodule(mod)
-                names += [f"backbone.layers.{i}.{mod}.{n}" for n, _ in sub.named_parameters()]
-        return names
+                names.update((f"backbone.layers.{i}.{mod}.{n}", None) for n, _ in sub.named_parameters())
+        return list(names)
 
     def train(self, mode: bool = True):
         super().train(mode)
