@@ -309,9 +309,7 @@ def build_cim(channels: Sequence[int], grid: Grid, num_blocks: int = 1, mlp_rati
               num_heads: int = 8, attn_ratio: int = 2) -> PyramidNeck:
     """The CIM: `PyramidNeck` over the stage widths ``channels`` with `CIMBlock` blocks."""
     channels = [int(c) for c in channels]
-    if any(c % 4 for c in channels):
-        raise ValueError(f"CIM channels {channels} must be multiples of 4 (one quarter per scale group)")
-    widths = [c // 4 for c in channels]
+    widths = [c // 4 for c in channels]  # one group per scale; CIMBlock checks they fill the hidden width
     return PyramidNeck(channels, num_blocks,
                        lambda hidden: CIMBlock(hidden, widths, grid, mlp_ratio, key_dim, num_heads, attn_ratio))
 
