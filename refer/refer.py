@@ -22,7 +22,7 @@ import json
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -183,12 +183,10 @@ class REFER:
         self.Sents: dict[Any, dict] = {}
         self.sentToRef: dict[Any, dict] = {}
         for ref in self.data["refs"]:
-            try:
-                ref_id, ann_id, image_id = ref["ref_id"], ref["ann_id"], ref["image_id"]
-                sentences = ref["sentences"]
-                ref["split"]
-            except KeyError as exc:
-                raise ReferError(f"ref without field {exc} in {self.ref_file}") from None
+            missing = [key for key in ("ref_id", "ann_id", "image_id", "split", "sentences") if key not in ref]
+            if missing:
+                raise ReferError(f"ref without field {missing[0]!r} in {self.ref_file}")
+            ref_id, ann_id, image_id, sentences = ref["ref_id"], ref["ann_id"], ref["image_id"], ref["sentences"]
             self.Refs[ref_id] = ref
             self.imgToRefs.setdefault(image_id, []).append(ref)
             self.catToRefs.setdefault(ref.get("category_id"), []).append(ref)
@@ -336,9 +334,3 @@ def decode_segmentation(segmentation: Any, height: int, width: int, where: str =
     summed = parts.sum(axis=2, dtype=np.uint32)
     return np.minimum(summed, 255).astype(np.uint8)
 
-
-def iter_sentences(refs: Iterable[dict]) -> Iterable[str]:
-    """All raw sentences of the refs, in ref order then sentence order."""
-    for ref in refs:
-        for sent in ref["sentences"]:
-            yield sent["raw"]
