@@ -74,10 +74,10 @@ def test_shapes_every_swin_type(swin_type):
     """Each type's depth and head pattern, at 8 channels per head; input not divisible by 32."""
     t = SWIN_TYPES[swin_type]
     over = {"embed_dim": 8 * t["num_heads"][0], "depths": t["depths"], "num_heads": t["num_heads"]}
-    model = _model("fianet", swin_type=swin_type, swin_overrides=over).eval()
-    img, ids, lm, tm, pm = _inputs(h=100, w=120)
+    model = _model("lavt_one", swin_type=swin_type, swin_overrides=over).eval()
+    img, ids, lm, _, _ = _inputs(h=100, w=120)
     with torch.no_grad():
-        logits, feats = model(img, ids, lm, tm, pm, return_features=True)
+        logits, feats = model(img, ids, lm, return_features=True)
     assert logits.shape == (2, 2, 100, 120)
     e = over["embed_dim"]
     sizes = [(25, 30), (13, 15), (7, 8), (4, 4)]
