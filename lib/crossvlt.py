@@ -454,6 +454,12 @@ class CrossVLT(nn.Module):
         self.set_grad_ckpt(config.get("grad_ckpt", False))
 
     @property
+    def checkpoint_ignored_keys(self) -> tuple[str, ...]:
+        """Keys of original checkpoints that this model deliberately does not hold: the reference's
+        training files carry ``temp`` (never optimised, always ones); a loader should drop them."""
+        return () if isinstance(self.temp, nn.Parameter) else ("temp",)
+
+    @property
     def language_stages(self) -> list[nn.Module]:
         return [self.lang_stage1, self.lang_stage2, self.lang_stage3, self.lang_stage4]
 

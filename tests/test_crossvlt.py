@@ -83,9 +83,10 @@ def test_fixture_state_dict_keys_are_the_originals(fixture, fixture_model):
     model, rep = fixture_model
     assert set(model.state_dict()) == set(fixture["state_dict"])  # no `temp`, no pooler, no extra BERT layers
     assert rep.ok and not rep.missing and not rep.unexpected and len(rep.loaded) == len(fixture["state_dict"])
-    # a reference TRAINING state_dict has `temp` on top: it is not one of our keys
+    # a reference TRAINING state_dict has `temp` on top: not one of our keys, declared for loaders
     with pytest.raises(CheckpointMismatchError, match="temp"):
         load_model_state(model, {**fixture["state_dict"], "temp": torch.ones(4)}, strict=True)
+    assert model.checkpoint_ignored_keys == ("temp",)
 
 
 def test_fixture_config_conversion(fixture):
