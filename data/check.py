@@ -3,12 +3,15 @@
     python -m data.check --dataset rrsisd --refer_data_root DIR --split val --bert_tokenizer BERT_DIR
                          [--splitBy unc] [--max_tokens N] [--export OUT] [--cache_dir DIR]
 
+``--dataset`` is one of rrsisd, refsegrs, refcoco, refcoco+, refcocog (``--splitBy`` umd or
+google for refcocog; the default is the dataset's first: unc, or umd for refcocog).
+
 Prints, per split: refs, sentences and images; then counted warnings (never a crash) for
 missing or unreadable images, images whose size differs from the annotation, masks that cannot
 be decoded, empty masks, sentences cut by the token limit and word-mask flags past it.
 
 ``--export OUT`` (one split) writes ``OUT/samples.jsonl`` -- one object per (ref, sentence) in
-evaluation ('all') order with keys ``ref_id`` (RRSIS-D) or ``line`` (RefSegRS), ``sent_index``,
+evaluation ('all') order with keys ``ref_id`` (REFER datasets) or ``line`` (RefSegRS), ``sent_index``,
 ``sentence``, ``input_ids``, ``attention_mask``, ``target_mask``, ``position_mask``, ``mask_png``
 -- and ``OUT/masks/*.png``: each ground truth at the image's original resolution, 0/255.
 
@@ -27,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .datasets import DATASET_NAMES, DEFAULT_MAX_TOKENS, build_dataset, mask_file_stem, split_counts
+from .datasets import DATASET_NAMES, DEFAULT_MAX_TOKENS, REFER_DATASETS, build_dataset, mask_file_stem, split_counts
 
 EXAMPLES_SHOWN = 5
 
@@ -45,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refer_data_root", required=True, help="dataset root folder")
     p.add_argument("--split", required=True, help="split name, or several separated by commas (e.g. train,val,test)")
     p.add_argument("--bert_tokenizer", required=True, help="local BERT tokenizer folder (with vocab.txt)")
-    p.add_argument("--splitBy", default="unc", help="REFER split file refs(<splitBy>).p (rrsisd)")
+    p.add_argument("--splitBy", default=None,
+                   help="REFER split file refs(<splitBy>).p (default: unc; umd for refcocog)")
     p.add_argument("--max_tokens", type=int, default=None,
-                   help="token limit (default: rrsisd 22, refsegrs 20 as in FIANet)")
+                   help="token limit (default: rrsisd 22 as in FIANet, 20 for the others)")
     p.add_argument("--export", default=None, help="write samples.jsonl and masks/*.png here (one split only)")
     p.add_argument("--cache_dir", default=None, help="text-feature cache folder (default: <root>/.openrrsis_cache)")
     return p
@@ -158,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if max_tokens < 2:
         raise ValueError(f"--max_tokens must be at least 2, got {max_tokens}")
     kwargs: dict[str, Any] = dict(max_tokens=max_tokens, mode="eval", eval_protocol="all", cache_dir=args.cache_dir)
-    if args.dataset == "rrsisd":
+    if args.dataset in REFER_DATASETS:
         kwargs["splitBy"] = args.splitBy
     for split in splits:
         ds = build_dataset(args.dataset, args.refer_data_root, split, args.bert_tokenizer, **kwargs)

@@ -1,4 +1,4 @@
-"""Referring-segmentation datasets: RRSIS-D (and the REFER family) and RefSegRS.
+"""Referring-segmentation datasets: RRSIS-D, the RefCOCO family (REFER layout) and RefSegRS.
 
 Every item is a plain dict (batches with torch's ``default_collate``)::
 
@@ -6,8 +6,8 @@ Every item is a plain dict (batches with torch's ``default_collate``)::
     target    int64   (S, S)      0/1, resized with PIL nearest
     text      int64   (N,)        word-piece ids, 0-padded (N = max_tokens)
     l_mask    int64   (N,)        attention mask
-    t_mask    int64   (N,)        FIANet ground-object mask
-    p_mask    int64   (N,)        FIANet spatial-position mask
+    t_mask    int64   (N,)        FIANet ground-object mask (zeros when word_masks=False)
+    p_mask    int64   (N,)        FIANet spatial-position mask (zeros when word_masks=False)
     ref_id    int                 REFER ref id (-1 for RefSegRS)
     line      int                 0-based line of the phrase file (-1 for REFER datasets)
     sent_index int                sentence index within the ref
@@ -25,7 +25,20 @@ Which sentence an item uses (spec data-train-eval.md §b.4):
 
 ``dataset.samples`` lists every (ref, sentence) in ``'all'`` order; ``original_mask`` gives a
 sample's ground truth at the image's own resolution. Token ids and word masks are computed
-once and cached on disk (see ``data.word_masks.build_text_features``).
+once and cached on disk (see ``data.word_masks.build_text_features``). Only FIANet reads the word
+masks: ``word_masks=False`` skips them (and NLTK) for the other models; ``pos_tagger`` picks the
+tagger of the position masks (``data.word_masks``: ``"nltk"`` or the opt-in ``"builtin"``).
+
+Datasets (``build_dataset`` names):
+
+* ``rrsisd``: ``<root>/rrsisd/refs(unc).p``, images ``<root>/images/rrsisd/JPEGImages/``; 22 tokens
+  (FIANet); the train split blacks out random boxes on 20 % of the refs in train mode.
+* ``refcoco``, ``refcoco+`` (splitBy ``unc``), ``refcocog`` (splitBy ``umd`` or ``google``):
+  ``<root>/<name>/refs(<splitBy>).p`` and ``instances.json``, COCO train2014 images under
+  ``<root>/images/mscoco/images/train2014/`` (greyscale files are converted to RGB); 20 tokens
+  (LAVT); splits ``train``, ``val``, ``test`` (every split containing "test"), ``testA``,
+  ``testB`` (``testC``); no black boxes; FIANet's class lists do not cover them (``t_mask`` zeros).
+* ``refsegrs``: ``images/<id>.tif``, ``masks/<id>.tif``, ``output_phrase_<split>.txt``; 20 tokens.
 """
 from __future__ import annotations
 
@@ -45,10 +58,14 @@ from .transforms import SegmentationTransform, black_box, choose_black_box_refs
 from .word_masks import DATASET_CLASSES, TextFeatures, build_text_features, default_cache_dirs
 
 __all__ = ["DatasetError", "DatasetFileNotFoundError", "Sample", "ReferDataset", "RRSISDDataset",
-           "RefSegRSDataset", "build_dataset", "DATASET_NAMES", "DEFAULT_MAX_TOKENS", "REFSEGRS_SPLITS"]
+           "RefSegRSDataset", "build_dataset", "DATASET_NAMES", "REFER_DATASETS", "DEFAULT_MAX_TOKENS",
+           "REFSEGRS_SPLITS", "SPLIT_BY"]
 
-DATASET_NAMES = ("rrsisd", "refsegrs")
-# Reference token lengths: FIANet uses 22 on RRSIS-D, 20 elsewhere (spec §b.3).
+DATASET_NAMES = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog")
+REFER_DATASETS = ("rrsisd", "refcoco", "refcoco+", "refcocog")
+# splitBy values each REFER dataset is distributed with (used for a hint when the file is missing).
+SPLIT_BY = {"rrsisd": ("unc",), "refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
+# Reference token lengths: FIANet uses 22 on RRSIS-D, 20 elsewhere (spec §b.3); LAVT 20 on RefCOCO.
 DEFAULT_MAX_TOKENS = {"rrsisd": 22, "refsegrs": 20, "refcoco": 20, "refcoco+": 20, "refcocog": 20}
 REFSEGRS_SPLITS = ("train", "val", "test")
 MODES = ("train", "eval")
@@ -194,17 +211,18 @@ def _cache_dirs(root: Path, cache_dir: str | Path | None) -> list[Path]:
 
 
 class ReferDataset(_GroundingDataset):
-    """A REFER-layout dataset (``rrsisd``; also ``refcoco``, ``refcoco+``, ``refcocog``).
+    """A REFER-layout dataset: ``rrsisd``, ``refcoco``, ``refcoco+`` or ``refcocog``.
 
     Target = pixels where the summed segmentation equals 1 (overlapping parts become holes,
     as in the reference). For ``rrsisd`` the train split in train mode blacks out random
-    boxes on a fixed 20 % of the refs (``black_box``); evaluation never does.
+    boxes on a fixed 20 % of the refs (``black_box``); evaluation never does, and the RefCOCO
+    family never does by default. Images are converted to RGB (COCO has greyscale files).
     """
 
     def __init__(self, root: str | Path, split: str, tokenizer_dir: str | Path, *, dataset: str = "rrsisd",
-                 img_size: int = 480, max_tokens: int | None = None, splitBy: str = "unc", mode: str = "train",
+                 img_size: int = 480, max_tokens: int | None = None, splitBy: str | None = None, mode: str = "train",
                  eval_protocol: str = "all", seed: int = 0, black_box: bool | None = None,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, word_masks: bool = True, pos_tagger: str | None = None):
         if dataset not in IMAGE_DIRS:
             raise DatasetError(f"unknown REFER dataset {dataset!r}; valid: {', '.join(IMAGE_DIRS)}")
         self.root, self.split, self.dataset = Path(root), split, dataset
@@ -213,6 +231,13 @@ class ReferDataset(_GroundingDataset):
         check_tokenizer_folder(tokenizer_dir)
         max_tokens = DEFAULT_MAX_TOKENS[dataset] if max_tokens is None else max_tokens
         self.max_tokens = max_tokens
+        splitBy = SPLIT_BY[dataset][0] if splitBy is None else splitBy  # refcocog: umd
+        self.split_by = splitBy
+        ref_file = self.root / dataset / f"refs({splitBy}).p"
+        if not ref_file.is_file() and splitBy not in SPLIT_BY.get(dataset, (splitBy,)):
+            raise DatasetFileNotFoundError(
+                f"REFER refs file not found: {ref_file} (--splitBy {splitBy}; {dataset} is distributed "
+                f"with --splitBy {' or '.join(SPLIT_BY[dataset])})")
         self.refer = load_refer(self.root, dataset, splitBy)
         ref_ids = self.refer.getRefIds(split=split)
         if not ref_ids:
@@ -239,6 +264,7 @@ class ReferDataset(_GroundingDataset):
         features = build_text_features(
             raws, tokenizer_dir, DATASET_CLASSES.get(dataset, ()), max_tokens,
             cache_dirs=_cache_dirs(self.root, cache_dir), name=f"{dataset}-{splitBy}-{split}-{max_tokens}",
+            word_masks=word_masks, pos_tagger=pos_tagger,
         )
         self._setup(samples, features, img_size=img_size, mode=mode, eval_protocol=eval_protocol, seed=seed)
         use_boxes = (dataset == "rrsisd") if black_box is None else bool(black_box)
@@ -264,11 +290,12 @@ class RRSISDDataset(ReferDataset):
     """RRSIS-D (REFER layout, ``<root>/rrsisd/refs(unc).p``); max 22 tokens like FIANet."""
 
     def __init__(self, root: str | Path, split: str, tokenizer_dir: str | Path, *, img_size: int = 480,
-                 max_tokens: int | None = 22, splitBy: str = "unc", mode: str = "train", eval_protocol: str = "all",
-                 seed: int = 0, black_box: bool = True, cache_dir: str | Path | None = None):
+                 max_tokens: int | None = 22, splitBy: str | None = "unc", mode: str = "train", eval_protocol: str = "all",
+                 seed: int = 0, black_box: bool = True, cache_dir: str | Path | None = None,
+                 word_masks: bool = True, pos_tagger: str | None = None):
         super().__init__(root, split, tokenizer_dir, dataset="rrsisd", img_size=img_size, max_tokens=max_tokens,
                          splitBy=splitBy, mode=mode, eval_protocol=eval_protocol, seed=seed,
-                         black_box=black_box, cache_dir=cache_dir)
+                         black_box=black_box, cache_dir=cache_dir, word_masks=word_masks, pos_tagger=pos_tagger)
 
 
 def read_refsegrs_mask(path: str | Path) -> np.ndarray:
@@ -301,7 +328,7 @@ class RefSegRSDataset(_GroundingDataset):
 
     def __init__(self, root: str | Path, split: str, tokenizer_dir: str | Path, *, img_size: int = 480,
                  max_tokens: int | None = 20, mode: str = "train", eval_protocol: str = "all", seed: int = 0,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, word_masks: bool = True, pos_tagger: str | None = None):
         self.root, self.split, self.dataset = Path(root), split, "refsegrs"
         if not self.root.is_dir():
             raise DatasetFileNotFoundError(f"dataset root (--refer_data_root) not found: {self.root}")
@@ -332,6 +359,7 @@ class RefSegRSDataset(_GroundingDataset):
         features = build_text_features(
             [s.sentence for s in samples], tokenizer_dir, DATASET_CLASSES["refsegrs"], max_tokens,
             cache_dirs=_cache_dirs(self.root, cache_dir), name=f"refsegrs-{split}-{max_tokens}",
+            word_masks=word_masks, pos_tagger=pos_tagger,
         )
         self._setup(samples, features, img_size=img_size, mode=mode, eval_protocol=eval_protocol, seed=seed)
 
@@ -343,11 +371,18 @@ class RefSegRSDataset(_GroundingDataset):
 
 
 def build_dataset(name: str, root: str | Path, split: str, tokenizer_dir: str | Path, **kwargs: Any) -> _GroundingDataset:
-    """Dataset by ``--dataset`` name (``rrsisd`` or ``refsegrs``); keyword arguments pass through."""
+    """Dataset by ``--dataset`` name (one of ``DATASET_NAMES``); keyword arguments pass through.
+
+    Common keywords: ``img_size``, ``max_tokens`` (None: the dataset's reference length), ``mode``,
+    ``eval_protocol``, ``seed``, ``cache_dir``, ``word_masks``, ``pos_tagger``; REFER datasets
+    also take ``splitBy``.
+    """
     if name == "rrsisd":
         return RRSISDDataset(root, split, tokenizer_dir, **kwargs)
     if name == "refsegrs":
         return RefSegRSDataset(root, split, tokenizer_dir, **kwargs)
+    if name in REFER_DATASETS:
+        return ReferDataset(root, split, tokenizer_dir, dataset=name, **kwargs)
     raise DatasetError(f"--dataset {name!r} is not supported; valid: {', '.join(DATASET_NAMES)}")
 
 

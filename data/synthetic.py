@@ -1,6 +1,7 @@
-"""Synthetic, language-dependent stand-ins for RRSIS-D and RefSegRS (no download needed).
+"""Synthetic, language-dependent stand-ins for RRSIS-D, RefSegRS and RefCOCO (no download needed).
 
-``python -m data.synthetic --out DIR`` (or :func:`generate`) writes three folders:
+``python -m data.synthetic --out DIR [--layouts rrsisd,refsegrs,refcoco]`` (or :func:`generate`)
+writes these folders (all layouts by default):
 
 * ``DIR/rrsisd/``   the RRSIS-D / REFER layout: ``rrsisd/refs(unc).p`` (a pickled list of plain
   ref dicts), ``rrsisd/instances.json`` (COCO style) and JPEG images under
@@ -8,6 +9,13 @@
 * ``DIR/refsegrs/`` the RefSegRS layout: ``images/<id>.tif`` (RGB), ``masks/<id>.tif`` (8-bit,
   0/255) and ``output_phrase_{train,val,test}.txt`` with lines ``ID word word ...``.
   Use ``--refer_data_root DIR/refsegrs --dataset refsegrs``.
+* ``DIR/refcoco/``  the RefCOCO family in the REFER layout on one set of images:
+  ``refcoco/refs(unc).p``, ``refcoco+/refs(unc).p``, ``refcocog/refs(umd).p`` and
+  ``refcocog/refs(google).p``, each with ``instances.json``; JPEGs (a few greyscale, as in COCO)
+  under ``images/mscoco/images/train2014/``; generic COCO-ish class names; several sentences
+  per ref; splits train/val/testA/testB (unc), train/val/test (umd), train/val (google);
+  RefCOCO+ sentences use no location words.  Use ``--refer_data_root DIR/refcoco --dataset
+  refcoco`` (or ``refcoco+``, or ``refcocog --splitBy umd``).
 * ``DIR/bert/``     a tiny BERT folder (``config.json``, ``vocab.txt``, ``tokenizer_config.json``)
   whose vocabulary covers every caption; models build BERT from the config with random weights.
 
@@ -122,6 +130,22 @@ REFSEGRS_STYLES: dict[str, ClassStyle] = {
     "tree": ClassStyle("blob", ("dark green", "green")),
     "low vegetation": ClassStyle("blob", ("light green", "yellow")),
     "impervious surface": ClassStyle("patch", ("grey", "white")),
+}
+
+# Generic COCO-ish classes for the synthetic RefCOCO family (the pipeline uses no class list there).
+COCO_STYLES: dict[str, ClassStyle] = {
+    "person": ClassStyle("capsule", ("red", "blue", "green", "yellow", "white")),
+    "car": ClassStyle("rounded", ("red", "white", "blue", "black")),
+    "bus": ClassStyle("long", ("yellow", "orange", "red")),
+    "dog": ClassStyle("blob", ("brown", "black", "white")),
+    "chair": ClassStyle("you", ("brown", "grey")),
+    "umbrella": ClassStyle("sector", ("red", "blue", "yellow")),
+    "clock": ClassStyle("disc", ("white", "grey")),
+    "donut": ClassStyle("ring", ("brown", "orange")),
+    "kite": ClassStyle("triangle", ("red", "orange", "yellow")),
+    "bench": ClassStyle("bars", ("brown", "grey")),
+    "laptop": ClassStyle("rect", ("grey", "black")),
+    "airplane": ClassStyle("plane", ("white", "grey")),
 }
 
 # Backgrounds: (base colour, colour of the tracks drawn across it as bands).
@@ -660,7 +684,9 @@ def compose_caption(rng: np.random.Generator, name: str, cues: Cues, needs_cue: 
         else:
             tail = phrase(kind, value)
     if "colour" not in adjectives and rng.random() < (0.25 if needs_cue else 0.35):
-        adjectives["colour"] = next(v for k, v in cues.true if k == "colour")
+        colour = next((v for k, v in cues.true if k == "colour"), None)  # none for greyscale images
+        if colour is not None:
+            adjectives["colour"] = colour
     if tail is None and rng.random() < (0.35 if needs_cue else 0.65):
         places = [c for c in cues.true if c[0] in ("position", "relation")]
         if places:
@@ -837,6 +863,116 @@ def write_refsegrs(root: Path, rng: np.random.Generator, counts: dict[str, int],
     return stats
 
 
+# The synthetic RefCOCO family: one set of images and annotations, three annotation sets.
+# (dataset, splitBy) -> split of each image's unc split (as in the real files: unc has
+# train/val/testA/testB, umd train/val/test, google train/val).
+REFCOCO_FILES: dict[tuple[str, str], dict[str, str]] = {
+    ("refcoco", "unc"): {"train": "train", "val": "val", "testA": "testA", "testB": "testB"},
+    ("refcoco+", "unc"): {"train": "train", "val": "val", "testA": "testA", "testB": "testB"},
+    ("refcocog", "umd"): {"train": "train", "val": "val", "testA": "test", "testB": "test"},
+    ("refcocog", "google"): {"train": "train", "val": "val", "testA": "train", "testB": "val"},
+}
+# Cue kinds per dataset: RefCOCO+ forbids location words; greyscale images lose the colour cue.
+REFCOCO_CUES = {"refcoco": ("colour", "size", "position", "relation"), "refcoco+": ("colour", "size"),
+                "refcocog": ("colour", "size", "position", "relation")}
+GREY_EVERY = 5           # every fifth COCO image is greyscale (real COCO has some)
+REFCOCOG_WRAPS = (("", " in the picture"), ("there is ", ""), ("", " in this image"), ("this is ", ""))
+
+
+def _captions_for(rng: np.random.Generator, scene: Scene, index: int, size: int, kinds: Sequence[str],
+                  count: int, wrap: bool = False) -> list[str]:
+    """Up to ``count`` distinct captions of object ``index`` using only cue ``kinds`` (RefCOCOg: ``wrap``
+    adds a short prefix or suffix); empty when the target cannot be singled out with them."""
+    full = target_cues(scene, index, size)
+    cues = Cues([c for c in full.unique if c[0] in kinds], [c for c in full.true if c[0] in kinds])
+    name = scene.objects[index].name
+    needs_cue = sum(o.name == name for o in scene.objects) > 1
+    out: list[str] = []
+    for _ in range(3 * count):
+        text = compose_caption(rng, name, cues, needs_cue)
+        if text is None:
+            break
+        if wrap:
+            head, tail = _pick(rng, REFCOCOG_WRAPS)
+            if len(text.split()) + len((head + tail).split()) <= 16:
+                text = head + text + tail
+        if text not in out:
+            out.append(text)
+        if len(out) == count:
+            break
+    return out
+
+
+def write_refcoco(root: Path, rng: np.random.Generator, counts: dict[str, int], size: int,
+                  refs_per_image: int) -> dict[str, dict[str, dict[str, int]]]:
+    """Write ``refcoco``, ``refcoco+`` and ``refcocog`` (umd + google) in the REFER layout.
+
+    Images (JPEG, every ``GREY_EVERY``-th one greyscale) go to ``images/mscoco/images/train2014``;
+    each dataset folder gets the same ``instances.json``. Test images alternate between testA
+    and testB. RefCOCO refs carry 2-3 sentences, RefCOCO+ 1-2 (colour and size words only),
+    RefCOCOg 1-2 longer ones.
+    """
+    image_dir = root / "images" / "mscoco" / "images" / "train2014"
+    image_dir.mkdir(parents=True)
+    category_id = {name: i + 1 for i, name in enumerate(COCO_STYLES)}
+    plan = ["train"] * counts["train"] + ["val"] * counts["val"]
+    plan += ["testA" if k % 2 == 0 else "testB" for k in range(max(2, counts["test"]))]
+    images, annotations = [], []
+    refs: dict[tuple[str, str], list[dict]] = {key: [] for key in REFCOCO_FILES}
+    sent_ids = dict.fromkeys(REFCOCO_CUES, 0)
+    ann_id = 0
+    for image_id, unc_split in enumerate(plan, start=1):
+        scene, scene_refs = sample_described_scene(rng, size, COCO_STYLES, refs_per_image, rle_prob=0.1)
+        grey = image_id % GREY_EVERY == 0
+        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        picture = Image.fromarray(scene.image)
+        (picture.convert("L") if grey else picture).save(image_dir / file_name, quality=95, subsampling=0)
+        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+        ann_ids = []
+        for obj in scene.objects:
+            ann_id += 1
+            ann_ids.append(ann_id)
+            segmentation = ([_encode_rle(obj.mask)] if obj.rle
+                            else [[float(v) for v in p.reshape(-1)] for p in obj.polygons])
+            annotations.append({"id": ann_id, "image_id": image_id, "category_id": category_id[obj.name],
+                                "segmentation": segmentation, "area": float(obj.area),
+                                "bbox": [float(v) for v in obj.bbox()], "iscrowd": 0})
+        for ref in scene_refs:
+            obj = scene.objects[ref.target]
+            for dataset, kinds in REFCOCO_CUES.items():
+                kinds = tuple(k for k in kinds if not (grey and k == "colour"))
+                count = int(rng.integers(2, 4)) if dataset == "refcoco" else int(rng.integers(1, 3))
+                texts = _captions_for(rng, scene, ref.target, size, kinds, count, wrap=dataset == "refcocog")
+                if not texts:
+                    continue  # e.g. RefCOCO+ without a colour or size that singles the target out
+                first = sent_ids[dataset]
+                sent_ids[dataset] += len(texts)
+                sentences = [{"tokens": _word_tokens(t), "raw": t, "sent_id": first + k, "sent": t}
+                             for k, t in enumerate(texts)]
+                for (name, split_by), splits in REFCOCO_FILES.items():
+                    if name != dataset:
+                        continue
+                    refs[(name, split_by)].append({
+                        "ref_id": len(refs[(name, split_by)]), "ann_id": ann_ids[ref.target], "image_id": image_id,
+                        "category_id": category_id[obj.name], "split": splits[unc_split],
+                        "sent_ids": [s["sent_id"] for s in sentences], "sentences": sentences,
+                        "file_name": f"COCO_train2014_{image_id:012d}_{ann_ids[ref.target]}.jpg"})
+    instances = json.dumps({"images": images, "annotations": annotations,
+                            "categories": [{"id": i, "name": n, "supercategory": n} for n, i in category_id.items()]})
+    stats: dict[str, dict[str, int]] = {}
+    for (name, split_by), ref_list in refs.items():
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "instances.json").write_text(instances)
+        with open(root / name / f"refs({split_by}).p", "wb") as f:
+            pickle.dump(ref_list, f, protocol=2)
+        per_split = stats.setdefault(f"{name}({split_by})", {})
+        for r in ref_list:
+            split_stats = per_split.setdefault(r["split"], {"refs": 0, "sentences": 0})
+            split_stats["refs"] += 1
+            split_stats["sentences"] += len(r["sentences"])
+    return stats
+
+
 BERT_CONFIG = {
     "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 64,
     "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
@@ -871,13 +1007,22 @@ def write_bert(root: Path, captions: Sequence[str]) -> int:
     return len(vocab)
 
 
-def _read_captions(rrsisd: Path, refsegrs: Path) -> list[str]:
-    with open(rrsisd / "rrsisd" / "refs(unc).p", "rb") as f:
-        refs = pickle.load(f)  # our own file, written a moment ago
-    captions = [s["raw"] for r in refs for s in r["sentences"]]
-    for split in SPLITS:
-        for line in (refsegrs / f"output_phrase_{split}.txt").read_text().splitlines():
-            captions.append(line.split(" ", 1)[1])
+def _read_captions(paths: dict[str, Path]) -> list[str]:
+    """Every caption written under the layouts in ``paths``."""
+    ref_files = []
+    if "rrsisd" in paths:
+        ref_files.append(paths["rrsisd"] / "rrsisd" / "refs(unc).p")
+    if "refcoco" in paths:
+        ref_files += [paths["refcoco"] / name / f"refs({split_by}).p" for name, split_by in REFCOCO_FILES]
+    captions = []
+    for ref_file in ref_files:
+        with open(ref_file, "rb") as f:
+            refs = pickle.load(f)  # our own file, written a moment ago
+        captions += [s["raw"] for r in refs for s in r["sentences"]]
+    if "refsegrs" in paths:
+        for split in SPLITS:
+            for line in (paths["refsegrs"] / f"output_phrase_{split}.txt").read_text().splitlines():
+                captions.append(line.split(" ", 1)[1])
     return captions
 
 
@@ -886,28 +1031,43 @@ def _read_captions(rrsisd: Path, refsegrs: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 MARKER = "synthetic.json"  # written into DIR; lets a later run replace our own output safely
+LAYOUTS_ALL: tuple[str, ...] = ("rrsisd", "refsegrs", "refcoco")
+
+
+def _check_layouts(layouts: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(layouts, str):
+        layouts = [part.strip() for part in layouts.split(",") if part.strip()]
+    unknown = [name for name in layouts if name not in LAYOUTS_ALL]
+    if unknown or not layouts:
+        raise SyntheticDataError(f"--layouts {','.join(layouts)!s}: choose one or more of {','.join(LAYOUTS_ALL)}")
+    return tuple(name for name in LAYOUTS_ALL if name in layouts)
 
 
 def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_size: int = 64,
              num_val: int | None = None, num_test: int | None = None, refs_per_image: int = 3,
-             verbose: bool = False) -> dict[str, Path]:
-    """Write the synthetic RRSIS-D, RefSegRS and tiny-BERT folders under ``out_dir``.
+             verbose: bool = False, layouts: Sequence[str] | str = LAYOUTS_ALL) -> dict[str, Path]:
+    """Write the synthetic RRSIS-D, RefSegRS, RefCOCO-family and tiny-BERT folders under ``out_dir``.
 
     ``num_images`` is the number of training images per dataset; validation and test default to
-    a sixth and a quarter of it.  Returns ``{"rrsisd": ..., "refsegrs": ..., "bert": ...}``.
+    a sixth and a quarter of it (RefCOCO: at least two test images, split into testA / testB).
+    ``layouts`` selects the datasets (default all three). Returns the written folders, e.g.
+    ``{"rrsisd": ..., "refsegrs": ..., "refcoco": ..., "bert": ...}``.
     """
     if int(image_size) != image_size or image_size < 32:
         raise SyntheticDataError(f"--image_size must be an integer >= 32, got {image_size!r}")
     if int(refs_per_image) != refs_per_image or refs_per_image < 1:
         raise SyntheticDataError(f"--refs_per_image must be a positive integer, got {refs_per_image!r}")
+    layouts = _check_layouts(layouts)
     counts = _split_counts(num_images, num_val, num_test)
     out = Path(out_dir)
-    paths = {"rrsisd": out / "rrsisd", "refsegrs": out / "refsegrs", "bert": out / "bert"}
+    paths = {name: out / name for name in layouts}
+    paths["bert"] = out / "bert"
     if out.exists() and not out.is_dir():
         raise SyntheticDataError(f"--out {out} exists and is not a folder")
     ours = (out / MARKER).is_file()
-    for p in paths.values():
-        if p.exists():
+    for name in (*LAYOUTS_ALL, "bert"):  # also a layout left by an earlier run of ours with other --layouts
+        p = out / name
+        if p.exists() and (ours or name in paths):
             if not ours:
                 raise SyntheticDataError(
                     f"--out {out}: {p} already exists and was not written by data.synthetic; "
@@ -915,24 +1075,33 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
             shutil.rmtree(p)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": int(seed), "num_images": counts, "image_size": int(image_size),
-                "refs_per_image": int(refs_per_image)}
+                "refs_per_image": int(refs_per_image), "layouts": list(layouts)}
     (out / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
 
-    rrsisd_seed, refsegrs_seed = np.random.SeedSequence(int(seed)).spawn(2)
-    stats = {
-        "rrsisd": write_rrsisd(paths["rrsisd"], np.random.default_rng(rrsisd_seed), counts,
-                               int(image_size), int(refs_per_image)),
-        "refsegrs": write_refsegrs(paths["refsegrs"], np.random.default_rng(refsegrs_seed), counts,
-                                   int(image_size), int(refs_per_image)),
-    }
-    vocab_size = write_bert(paths["bert"], _read_captions(paths["rrsisd"], paths["refsegrs"]))
+    # One stream per layout (spawned children do not depend on how many are spawned), so each
+    # layout's files are the same whichever other layouts are written.
+    streams = dict(zip(LAYOUTS_ALL, np.random.SeedSequence(int(seed)).spawn(len(LAYOUTS_ALL))))
+    writers = {"rrsisd": write_rrsisd, "refsegrs": write_refsegrs, "refcoco": write_refcoco}
+    stats = {name: writers[name](paths[name], np.random.default_rng(streams[name]), counts, int(image_size),
+                                 int(refs_per_image)) for name in layouts}
+    vocab_size = write_bert(paths["bert"], _read_captions(paths))
     if verbose:
         for name, per_split in stats.items():
+            if name == "refcoco":
+                for which, refs in per_split.items():
+                    print(f"{which}: " + "; ".join(f"{s} {v['refs']} refs / {v['sentences']} sentences"
+                                                   for s, v in refs.items()))
+                continue
             parts = [f"{s} {v['images']} images / {v['refs']} refs / {v['sentences']} sentences"
                      for s, v in per_split.items()]
             print(f"{name}: " + "; ".join(parts))
-        print(f"rrsisd:   --refer_data_root {paths['rrsisd']} --dataset rrsisd")
-        print(f"refsegrs: --refer_data_root {paths['refsegrs']} --dataset refsegrs")
+        if "rrsisd" in paths:
+            print(f"rrsisd:   --refer_data_root {paths['rrsisd']} --dataset rrsisd")
+        if "refsegrs" in paths:
+            print(f"refsegrs: --refer_data_root {paths['refsegrs']} --dataset refsegrs")
+        if "refcoco" in paths:
+            print(f"refcoco:  --refer_data_root {paths['refcoco']} --dataset refcoco|refcoco+ "
+                  "(--splitBy unc) or refcocog (--splitBy umd|google)")
         print(f"bert:     --bert_tokenizer {paths['bert']} (vocabulary of {vocab_size} tokens)")
     return paths
 
@@ -946,11 +1115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num_test", type=int, default=None, help="test images (default num_images/4)")
     parser.add_argument("--image_size", type=int, default=64, help="image side in pixels (>= 32)")
     parser.add_argument("--refs_per_image", type=int, default=3, help="refs (targets) per image")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS_ALL),
+                        help=f"datasets to write, comma-separated (default {','.join(LAYOUTS_ALL)})")
     args = parser.parse_args(argv)
     try:
         generate(args.out, seed=args.seed, num_images=args.num_images, image_size=args.image_size,
                  num_val=args.num_val, num_test=args.num_test, refs_per_image=args.refs_per_image,
-                 verbose=True)
+                 verbose=True, layouts=args.layouts)
     except (SyntheticDataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,11 +18,25 @@ position-mask fallback is decided per sentence (the reference aliased a ref's li
 
 NLTK resources: words come from ``nltk.word_tokenize(..., preserve_line=True)`` (no Punkt data
 needed); tags from the averaged-perceptron tagger data ``averaged_perceptron_tagger_eng``, found
-through ``NLTK_DATA``. Missing data raises ``NLTKDataMissingError`` -- never a silent fallback.
+through ``NLTK_DATA``. Missing data raises ``NLTKDataMissingError`` with install instructions --
+never a silent fallback.
+
+Built-in tagger (opt-in): on a machine that has no tagger data and no internet, set the
+environment variable ``OPENRRSIS_POS_TAGGER=builtin`` (or pass ``pos_tagger="builtin"``) to tag
+with ``data.pos_tagger.BuiltinTagger`` -- a lexicon of closed-class words, colour / size /
+position adjectives and suffix rules -- instead of NLTK's perceptron. Words and ``t_mask`` are
+unchanged (they never use the tagger); ``p_mask`` equals NLTK's on about 99 % of the synthetic
+captions but not on every sentence, so a one-time warning is printed and results are not
+comparable with the reference. ``OPENRRSIS_POS_TAGGER=nltk`` (the default) keeps the strict
+behaviour. The tagger's identity is part of the cache key, so masks of the two taggers never mix.
+
+Only FIANet reads the word masks: with ``word_masks=False`` the features hold token ids and
+attention only (``t_mask``/``p_mask`` all zeros), NLTK is never imported, and the cache entry is
+a separate one, so a later ``word_masks=True`` run still computes the masks.
 
 Computing the masks of a whole dataset takes NLTK time, so ``build_text_features`` caches ids,
 attention, both masks and untruncated lengths in a ``.npz`` file keyed by the sentences, the
-tokenizer files, ``max_tokens``, the class list and the code version.
+tokenizer files, ``max_tokens``, the class list, the tagger and the code version.
 """
 from __future__ import annotations
 
@@ -30,6 +44,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +54,8 @@ import numpy as np
 
 __all__ = [
     "RRSISD_CLASSES", "REFSEGRS_CLASSES", "DATASET_CLASSES", "PP_GRAMMAR", "WORD_MASKS_VERSION",
-    "NLTKDataMissingError", "WordMasker", "TextFeatures", "build_text_features", "default_cache_dirs",
+    "NLTKDataMissingError", "WordMasker", "TextFeatures", "build_text_features", "compute_text_features",
+    "default_cache_dirs", "POS_TAGGER_ENV", "POS_TAGGERS", "resolve_pos_tagger",
 ]
 
 # The 20 DIOR classes used for RRSIS-D (spec §b.5).
@@ -67,9 +83,52 @@ WORD_MASKS_VERSION = 1
 
 _TAGGER_RESOURCE = "averaged_perceptron_tagger_eng"
 
+# Environment variable choosing the POS tagger of the position masks, and its values.
+POS_TAGGER_ENV = "OPENRRSIS_POS_TAGGER"
+POS_TAGGERS = ("nltk", "builtin")
+
 
 class NLTKDataMissingError(FileNotFoundError):
     """The NLTK POS-tagger data needed for the word masks is not installed."""
+
+
+class PosTaggerChoiceError(ValueError):
+    """An unknown POS-tagger name (argument or ``OPENRRSIS_POS_TAGGER``)."""
+
+
+def resolve_pos_tagger(name: str | None = None) -> str:
+    """``name``, else ``$OPENRRSIS_POS_TAGGER``, else ``"nltk"``; validated against ``POS_TAGGERS``."""
+    source = "pos_tagger"
+    if name is None:
+        name, source = os.environ.get(POS_TAGGER_ENV, "").strip() or "nltk", POS_TAGGER_ENV
+    value = name.strip().lower()
+    if value not in POS_TAGGERS:
+        raise PosTaggerChoiceError(f"{source}={name!r} is not a known POS tagger; valid: {', '.join(POS_TAGGERS)}")
+    return value
+
+
+_BUILTIN_WARNED = False
+
+
+def _warn_builtin_tagger() -> None:
+    """Say once per process that the word masks come from the built-in tagger."""
+    global _BUILTIN_WARNED
+    if _BUILTIN_WARNED:
+        return
+    _BUILTIN_WARNED = True
+    print(f"warning: {POS_TAGGER_ENV}=builtin: FIANet position masks (p_mask) use the built-in POS tagger; "
+          "they differ from NLTK's on some sentences, so results are not comparable with the reference "
+          f"(install the NLTK data with `python -m nltk.downloader {_TAGGER_RESOURCE}` for exact masks)",
+          file=sys.stderr, flush=True)
+
+
+def _tagger_identity(pos_tagger: str) -> str:
+    """What the cache key records about the tagger that produced the masks."""
+    if pos_tagger == "builtin":
+        from .pos_tagger import BuiltinTagger
+
+        return BuiltinTagger.name
+    return f"nltk-{_nltk_version()}"
 
 
 def _sync_nltk_path(nltk: Any) -> None:
@@ -87,24 +146,39 @@ def _mark(mask: list[int], start: int, count: int) -> bool:
     return end > len(mask)
 
 
+def _nltk_tagger(nltk: Any) -> Any:
+    """NLTK's averaged-perceptron tagger; a one-line install hint when its data is missing."""
+    from nltk.tag.perceptron import PerceptronTagger
+
+    _sync_nltk_path(nltk)
+    try:
+        return PerceptronTagger(lang="eng")
+    except LookupError:
+        raise NLTKDataMissingError(
+            f"NLTK tagger data '{_TAGGER_RESOURCE}' not found (searched {os.pathsep.join(nltk.data.path)}); "
+            f"install it with `python -m nltk.downloader {_TAGGER_RESOURCE}` or set NLTK_DATA to a folder "
+            f"containing taggers/{_TAGGER_RESOURCE}/ (or set {POS_TAGGER_ENV}=builtin for approximate masks "
+            "from the built-in tagger)"
+        ) from None
+
+
 class WordMasker:
     """Computes ``(t_mask, p_mask)`` for sentences of one dataset (class list fixed at creation)."""
 
-    def __init__(self, classes: Sequence[str]):
+    def __init__(self, classes: Sequence[str], pos_tagger: str | None = None):
+        """``pos_tagger``: ``"nltk"`` (reference), ``"builtin"``, or None for ``$OPENRRSIS_POS_TAGGER``."""
+        self.pos_tagger = resolve_pos_tagger(pos_tagger)
         try:
             import nltk
-            from nltk.tag.perceptron import PerceptronTagger
         except ImportError as exc:  # pragma: no cover - nltk is a declared dependency
             raise NLTKDataMissingError(f"nltk is required for the word masks: {exc}") from None
-        _sync_nltk_path(nltk)
-        try:
-            self._tagger = PerceptronTagger(lang="eng")
-        except LookupError:
-            raise NLTKDataMissingError(
-                f"NLTK tagger data '{_TAGGER_RESOURCE}' not found (searched {os.pathsep.join(nltk.data.path)}); "
-                f"install it with `python -m nltk.downloader {_TAGGER_RESOURCE}` or set NLTK_DATA to a folder "
-                f"containing taggers/{_TAGGER_RESOURCE}/"
-            ) from None
+        if self.pos_tagger == "builtin":
+            from .pos_tagger import BuiltinTagger
+
+            _warn_builtin_tagger()
+            self._tagger = BuiltinTagger()
+        else:
+            self._tagger = _nltk_tagger(nltk)
         self._word_tokenize = nltk.word_tokenize
         self._parser = nltk.RegexpParser(PP_GRAMMAR)
         self.classes = tuple(classes)
@@ -116,7 +190,7 @@ class WordMasker:
         return self._word_tokenize(text, preserve_line=True)
 
     def tag(self, words: list[str]) -> list[tuple[str, str]]:
-        """Penn Treebank POS tags (the reference's ``nltk.pos_tag``)."""
+        """Penn Treebank POS tags (the reference's ``nltk.pos_tag``, or the built-in tagger)."""
         return self._tagger.tag(words)
 
     def position_phrases(self, words: list[str]) -> list[str]:
@@ -192,11 +266,16 @@ def _nltk_version() -> str:
         return "unknown"
 
 
-def _cache_key(sentences: Sequence[str], tokenizer_hash: str, classes: Sequence[str], max_tokens: int) -> str:
+def _cache_key(sentences: Sequence[str], tokenizer_hash: str, classes: Sequence[str], max_tokens: int,
+               tagger: str | None) -> str:
+    """Key of one cache entry; ``tagger`` None = ids and attention only (no word masks)."""
     digest = hashlib.sha256()
-    header = {"version": WORD_MASKS_VERSION, "nltk": _nltk_version(), "grammar": PP_GRAMMAR,
-              "classes": list(classes), "max_tokens": int(max_tokens), "tokenizer": tokenizer_hash,
-              "count": len(sentences)}
+    header: dict[str, Any] = {"version": WORD_MASKS_VERSION, "max_tokens": int(max_tokens),
+                              "tokenizer": tokenizer_hash, "count": len(sentences)}
+    if tagger is None:
+        header["content"] = "ids"
+    else:
+        header.update(content="ids+word_masks", tagger=tagger, grammar=PP_GRAMMAR, classes=list(classes))
     digest.update(json.dumps(header, sort_keys=True).encode())
     for sentence in sentences:
         digest.update(sentence.encode("utf-8", "surrogatepass"))
@@ -235,51 +314,66 @@ def _save_cache(dirs: Iterable[Path], filename: str, key: str, features: TextFea
 
 
 def compute_text_features(sentences: Sequence[str], tokenizer: Any, classes: Sequence[str],
-                          max_tokens: int) -> TextFeatures:
-    """Tokenise and compute word masks for every sentence (no cache)."""
+                          max_tokens: int, *, word_masks: bool = True, pos_tagger: str | None = None) -> TextFeatures:
+    """Tokenise and compute word masks for every sentence (no cache).
+
+    ``word_masks=False``: ``target_mask`` / ``position_mask`` are all zeros and NLTK is not used.
+    """
     from .tokenizer import encode_many
 
     ids, attention, lengths = encode_many(tokenizer, sentences, max_tokens)
-    masker = WordMasker(classes)
-    t_rows, p_rows, overflow = [], [], []
-    for sentence, att in zip(sentences, attention):
-        t_mask, p_mask, over = masker(sentence, att)
-        t_rows.append(t_mask)
-        p_rows.append(p_mask)
-        overflow.append(over)
     shape = (len(sentences), max_tokens)
-
-    def table(rows: list, dtype: Any) -> np.ndarray:
-        return np.asarray(rows, dtype=dtype).reshape(shape)
-
+    if word_masks:
+        masker = WordMasker(classes, pos_tagger)
+        t_rows, p_rows, overflow = [], [], []
+        for sentence, att in zip(sentences, attention):
+            t_mask, p_mask, over = masker(sentence, att)
+            t_rows.append(t_mask)
+            p_rows.append(p_mask)
+            overflow.append(over)
+        target = np.asarray(t_rows, dtype=np.uint8).reshape(shape)
+        position = np.asarray(p_rows, dtype=np.uint8).reshape(shape)
+    else:
+        target, position, overflow = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8), [False] * len(sentences)
     return TextFeatures(
-        input_ids=table(ids, np.int32), attention_mask=table(attention, np.uint8),
-        target_mask=table(t_rows, np.uint8), position_mask=table(p_rows, np.uint8),
+        input_ids=np.asarray(ids, dtype=np.int32).reshape(shape),
+        attention_mask=np.asarray(attention, dtype=np.uint8).reshape(shape),
+        target_mask=target, position_mask=position,
         lengths=np.asarray(lengths, dtype=np.int32).reshape(-1), overflow=np.asarray(overflow, dtype=np.uint8).reshape(-1),
     )
 
 
 def build_text_features(sentences: Sequence[str], tokenizer_dir: str | Path, classes: Sequence[str],
-                        max_tokens: int, *, cache_dirs: Sequence[Path] = (), name: str = "text") -> TextFeatures:
+                        max_tokens: int, *, cache_dirs: Sequence[Path] = (), name: str = "text",
+                        word_masks: bool = True, pos_tagger: str | None = None) -> TextFeatures:
     """Cached ``compute_text_features``: a cache hit loads neither transformers nor NLTK.
 
     ``cache_dirs`` are searched in order for ``<name>-<key>.npz``; a miss computes the features
     and writes them to the first writable folder (no cache when ``cache_dirs`` is empty).
+    ``word_masks=False`` caches ids only (its own entry); ``pos_tagger`` as in ``WordMasker``.
     """
     from .tokenizer import load_tokenizer, tokenizer_fingerprint
 
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    key = _cache_key(sentences, tokenizer_fingerprint(tokenizer_dir), classes, max_tokens)
+    tagger = None
+    if word_masks:
+        pos_tagger = resolve_pos_tagger(pos_tagger)
+        if pos_tagger == "builtin":
+            _warn_builtin_tagger()  # also on a cache hit: these masks are not the reference's
+        tagger = _tagger_identity(pos_tagger)
+    key = _cache_key(sentences, tokenizer_fingerprint(tokenizer_dir), classes, max_tokens, tagger)
     safe_name = re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
-    filename = f"{safe_name}-{key[:24]}.npz"
+    kind = "ids" if tagger is None else "builtin" if pos_tagger == "builtin" else "masks"
+    filename = f"{safe_name}-{kind}-{key[:24]}.npz"
     for folder in cache_dirs:
         path = Path(folder) / filename
         if path.is_file():
             cached = _load_cache(path, key, len(sentences))
             if cached is not None:
                 return cached
-    features = compute_text_features(sentences, load_tokenizer(tokenizer_dir), classes, max_tokens)
+    features = compute_text_features(sentences, load_tokenizer(tokenizer_dir), classes, max_tokens,
+                                     word_masks=word_masks, pos_tagger=pos_tagger)
     if cache_dirs:
         _save_cache([Path(d) for d in cache_dirs], filename, key, features)
     return features

@@ -286,6 +286,30 @@ def test_second_construction_uses_the_cache(env, monkeypatch):
         rrsisd(env, "val", mode="eval", max_tokens=21)
 
 
+def test_word_masks_off_builds_without_nltk(env, monkeypatch):
+    import sys
+
+    def boom(*_a, **_k):
+        raise AssertionError("the word masker must not be built with word_masks=False")
+
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "nltk", None)  # `import nltk` raises ImportError
+        patch.setattr(word_masks.WordMasker, "__init__", boom)
+        plain = {name: fn(env, split, mode="eval", word_masks=False)
+                 for name, fn, split in (("rrsisd", rrsisd, "val"), ("refsegrs", refsegrs, "test"))}
+        train = rrsisd(env, "train", word_masks=False)
+        items = [plain["rrsisd"][0], plain["refsegrs"][1], train[0]]
+        batch = next(iter(DataLoader(plain["rrsisd"], batch_size=3)))
+    for item, n in zip(items, (22, 20, 22)):
+        check_item(item, 32, n)
+        assert not item["t_mask"].any() and not item["p_mask"].any()
+    assert batch["t_mask"].shape == (3, 22) and not batch["t_mask"].any()
+    # The masks are still computed by a later word_masks=True run (its own cache entry), with the same ids.
+    full = rrsisd(env, "val", mode="eval")
+    assert full[0]["t_mask"].any() and full[0]["p_mask"].any()
+    assert torch.equal(full[0]["text"], items[0]["text"]) and torch.equal(full[0]["l_mask"], items[0]["l_mask"])
+
+
 def test_default_cache_folder_is_under_the_data_root(env):
     RefSegRSDataset(env["refsegrs"], "val", env["tok"], img_size=16)
     assert list((env["refsegrs"] / ".openrrsis_cache").glob("refsegrs-val-20-*.npz"))
