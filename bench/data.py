@@ -1,14 +1,17 @@
 """Benchmark: RRSIS-D-scale dataset construction, first start vs cached start.
 
-    python bench/data.py [--workdir DIR] [--keep]
+    python bench/data.py [--workdir DIR] [--keep] [--text masks,ids,builtin]
 
 Writes synthetic annotations at RRSIS-D scale into a temporary folder (17,402 refs with one
 caption each, split 12,181 / 1,740 / 3,481 like the real ``refs(unc).p``; 800x800 images in
 ``instances.json`` segmented by polygons (70 %) or compressed RLE (30 %); no image files, since
 construction never opens images), then builds the train, val and test ``RRSISDDataset`` in two
 fresh processes: the first with an empty cache (tokenisation + NLTK word masks), the second
-reusing it (``--repeats`` times, median reported). Prints one JSON line with the timings. Needs the NLTK tagger data (``NLTK_DATA``;
-defaults to ``../shared/nltk_data`` when present).
+reusing it (``--repeats`` times, median reported). Prints one JSON line with the timings per
+``--text`` variant: ``masks`` (ids + FIANet word masks with NLTK, the default), ``ids`` (ids only,
+``word_masks=False``: what LAVT / RMSIN / CrossVLT need) and ``builtin`` (word masks with the
+built-in POS tagger). ``masks`` needs the NLTK tagger data (``NLTK_DATA``; defaults to
+``../shared/nltk_data`` when present).
 """
 from __future__ import annotations
 
@@ -114,7 +117,10 @@ def generate(root: Path, seed: int = 0) -> dict:
             "refs_mb": (root / "rrsisd" / "refs(unc).p").stat().st_size / 2**20}
 
 
-def construct(root: str, tokenizer: str, cache: str) -> dict:
+TEXT_VARIANTS = {"masks": {}, "ids": {"word_masks": False}, "builtin": {"pos_tagger": "builtin"}}
+
+
+def construct(root: str, tokenizer: str, cache: str, variant: str = "masks") -> dict:
     """Time imports and the construction of the three splits in this (fresh) process."""
     start = time.perf_counter()
     from data.datasets import RRSISDDataset
@@ -123,7 +129,7 @@ def construct(root: str, tokenizer: str, cache: str) -> dict:
     total = 0.0
     for split in SPLITS:
         t0 = time.perf_counter()
-        ds = RRSISDDataset(root, split, tokenizer, mode="eval", cache_dir=cache)
+        ds = RRSISDDataset(root, split, tokenizer, mode="eval", cache_dir=cache, **TEXT_VARIANTS[variant])
         elapsed = time.perf_counter() - t0
         total += elapsed
         result["splits"][split] = {"seconds": round(elapsed, 3), "items": len(ds)}
@@ -133,13 +139,13 @@ def construct(root: str, tokenizer: str, cache: str) -> dict:
     return result
 
 
-def run_fresh(root: Path, tokenizer: Path, cache: Path) -> dict:
+def run_fresh(root: Path, tokenizer: Path, cache: Path, variant: str) -> dict:
     env = dict(os.environ)
     shared_nltk = ROOT.parent / "shared" / "nltk_data"
     if not env.get("NLTK_DATA") and shared_nltk.is_dir():
         env["NLTK_DATA"] = str(shared_nltk)
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--construct", str(root), str(tokenizer),
-                           str(cache)], capture_output=True, text=True, env=env, cwd=ROOT)
+                           str(cache), variant], capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"construction failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -150,37 +156,51 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where to write the data (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     parser.add_argument("--repeats", type=int, default=3, help="cached starts to time (median reported)")
-    parser.add_argument("--construct", nargs=3, metavar=("ROOT", "TOKENIZER", "CACHE"), help=argparse.SUPPRESS)
+    parser.add_argument("--text", default="masks",
+                        help=f"comma-separated text variants to time: {', '.join(TEXT_VARIANTS)} (default masks)")
+    parser.add_argument("--construct", nargs=4, metavar=("ROOT", "TOKENIZER", "CACHE", "VARIANT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.construct:
         print(json.dumps(construct(*args.construct)))
         return
+    variants = [v.strip() for v in args.text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in TEXT_VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--text {args.text}: choose from {', '.join(TEXT_VARIANTS)}")
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="openrrsis-bench-data-"))
     try:
         t0 = time.perf_counter()
         info = generate(work / "data")
         generate_s = time.perf_counter() - t0
-        cache = work / "cache"
-        shutil.rmtree(cache, ignore_errors=True)
-        first = run_fresh(info["root"], info["tokenizer"], cache)
-        runs = sorted((run_fresh(info["root"], info["tokenizer"], cache) for _ in range(max(1, args.repeats))),
-                      key=lambda r: r["construct_s"])
-        cached = runs[len(runs) // 2]  # the median run
-        print(json.dumps({
-            "bench": "data", "refs": info["refs"], "sentences": info["refs"],
-            "instances_json_mb": round(info["instances_mb"], 1), "refs_pickle_mb": round(info["refs_mb"], 1),
-            "generate_s": round(generate_s, 2),
-            "first_start_s": round(first["construct_s"], 2), "cached_start_s": round(cached["construct_s"], 2),
-            "cached_start_all_s": [round(r["construct_s"], 2) for r in runs],
-            "import_s": round(cached["import_s"], 2),
-            "first_splits": first["splits"], "cached_splits": cached["splits"],
-            "cached_loads_transformers": cached["transformers_imported"], "cached_loads_nltk": cached["nltk_imported"],
-            "cpus": os.cpu_count(), "python": sys.version.split()[0],
-        }))
+        for variant in variants:
+            cache = work / f"cache-{variant}"
+            shutil.rmtree(cache, ignore_errors=True)
+            first = run_fresh(info["root"], info["tokenizer"], cache, variant)
+            runs = sorted((run_fresh(info["root"], info["tokenizer"], cache, variant)
+                           for _ in range(max(1, args.repeats))), key=lambda r: r["construct_s"])
+            report(info, generate_s, variant, first, runs)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def report(info: dict, generate_s: float, variant: str, first: dict, runs: list[dict]) -> None:
+    """Print one JSON line for a variant: first start and the median cached start."""
+    cached = runs[len(runs) // 2]  # the median run
+    print(json.dumps({
+        "bench": "data", "text": variant, "refs": info["refs"], "sentences": info["refs"],
+        "instances_json_mb": round(info["instances_mb"], 1), "refs_pickle_mb": round(info["refs_mb"], 1),
+        "generate_s": round(generate_s, 2),
+        "first_start_s": round(first["construct_s"], 2), "cached_start_s": round(cached["construct_s"], 2),
+        "cached_start_all_s": [round(r["construct_s"], 2) for r in runs],
+        "import_s": round(cached["import_s"], 2),
+        "first_splits": first["splits"], "cached_splits": cached["splits"],
+        "cached_loads_transformers": cached["transformers_imported"], "cached_loads_nltk": cached["nltk_imported"],
+        "first_loads_nltk": first["nltk_imported"],
+        "cpus": os.cpu_count(), "python": sys.version.split()[0],
+    }), flush=True)
 
 
 if __name__ == "__main__":
