@@ -24,6 +24,8 @@ shift mask built for every stage even when the map is smaller than the window, q
 Window attention has two paths with the same parameters: the plain op sequence of the reference
 and a fused one through `F.scaled_dot_product_attention` with the relative-position bias (+ shift
 mask) as the additive float mask (``WindowAttention.fused``, default on; the fixtures pass with it).
+On CPU the fused path is used for inference only: with autograd PyTorch runs SDPA's slower
+non-fused "math" fallback there, so CPU training keeps the plain sequence.
 """
 from __future__ import annotations
 
@@ -158,7 +160,9 @@ class WindowAttention(nn.Module):
         h = self.num_heads
         q, k, v = self.qkv(x).reshape(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, h, N, d)
         bias = self.relative_bias()
-        if self.fused:
+        # On CPU, SDPA with a float mask only has a fused kernel without autograd (the backward
+        # falls back to a slower "math" path), so training on CPU uses the plain sequence.
+        if self.fused and (x.device.type != "cpu" or not (torch.is_grad_enabled() and x.requires_grad)):
             out = self._fused(q, k, v, bias, mask)
         else:
             out = self._plain(q, k, v, bias, mask)

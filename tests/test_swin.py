@@ -84,11 +84,30 @@ def _block_stack(dim=16, heads=2, w=4, depth=2, fused=True, drop_path=0.0):
 def test_fused_attention_equals_plain(H, W):
     blocks = _block_stack()
     x = torch.randn(2, H * W, 16)
-    fused = run_swin_blocks(blocks, x, H, W)
-    for blk in blocks:
-        blk.attn.fused = False
-    plain = run_swin_blocks(blocks, x, H, W)
+    with torch.no_grad():
+        fused = run_swin_blocks(blocks, x, H, W)
+        for blk in blocks:
+            blk.attn.fused = False
+        plain = run_swin_blocks(blocks, x, H, W)
     assert (fused - plain).abs().max() < 1e-5
+
+
+def test_sdpa_used_for_inference_plain_for_cpu_training(monkeypatch):
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    blocks = _block_stack()
+    x = torch.randn(1, 16, 16)
+    with torch.no_grad():
+        run_swin_blocks(blocks, x, 4, 4)
+    assert len(calls) == 2
+    run_swin_blocks(blocks, x, 4, 4).sum().backward()  # CPU + autograd: plain path
+    assert len(calls) == 2
 
 
 def test_window_attention_plain_is_reference_formula():
