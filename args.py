@@ -18,12 +18,14 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("lavt", "*"): {"lr": 5e-5, "epochs": 40, "batch_size": 8, "max_tokens": 20},
     ("lavt_one", "*"): {"lr": 5e-5, "epochs": 40, "batch_size": 8, "max_tokens": 20},
     ("rmsin", "*"): {"lr": 3e-5, "epochs": 40, "batch_size": 2, "max_tokens": 20},
+    # CrossVLT: 2 GPUs x 6 per GPU, 21 tokens (crossvlt.md §8)
+    ("crossvlt", "*"): {"lr": 3e-5, "epochs": 40, "batch_size": 6, "max_tokens": 21},
     ("fianet", "rrsisd"): {"lr": 3e-5, "epochs": 40, "batch_size": 8, "num_tmem": 3, "max_tokens": 22},
     ("fianet", "*"): {"lr": 5e-5, "epochs": 60, "batch_size": 8, "num_tmem": 1, "max_tokens": 20},
 }
 FALLBACK_RECIPE: dict[str, Any] = {"lr": 5e-5, "epochs": 40, "batch_size": 8, "num_tmem": 1, "max_tokens": 20}
 
-DATASETS = ("rrsisd", "refsegrs")
+DATASETS = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -61,7 +63,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="rrsisd", help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--refer_data_root", default="./refer/data/", help="dataset root folder")
-    g.add_argument("--splitBy", default="unc", help="REFER split file refs(<splitBy>).p")
+    g.add_argument("--splitBy", default=None,
+                   help="REFER split file refs(<splitBy>).p: unc (default; refcocog: umd), umd or google")
     g.add_argument("--split", default="test", help="split evaluated by test.py")
     g.add_argument("--max_tokens", default=None, type=int,
                    help="token limit (reference: 22 for FIANet on RRSIS-D, else 20)")
@@ -121,7 +124,8 @@ def get_demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--bert_tokenizer", default=None, help="tokenizer folder (default: the one used in training)")
     p.add_argument("--ck_bert", default=None, help="BERT folder (original checkpoints only)")
     p.add_argument("--model", default=None, help="model name (original checkpoints only)")
-    p.add_argument("--dataset", default=None, help="class vocabulary for FIANet word masks (rrsisd/refsegrs)")
+    p.add_argument("--dataset", default=None,
+                   help="class vocabulary for FIANet word masks: rrsisd or refsegrs (default: the training dataset)")
     p.add_argument("--num_tmem", default=None, type=int)
     p.add_argument("--window12", action="store_true")
     p.add_argument("--swin_type", default="base", choices=["tiny", "small", "base", "large"])

@@ -87,6 +87,11 @@ def load_pretrained_bert(model: nn.Module, folder: str) -> None:
     ckpt_lib.load_model_state(model.text_encoder, state, strict=True)
 
 
+def model_uses_word_masks(name: str) -> bool:
+    """Whether a registered model reads the ground-object / position word masks (imports its class only)."""
+    return bool(getattr(registry.model_class(name), "uses_word_masks", False))
+
+
 def checkpoint_model_name(ckpt: dict[str, Any]) -> str | None:
     cfg = ckpt.get("config")
     return cfg.get("model") if isinstance(cfg, dict) else None
@@ -146,8 +151,10 @@ def build_dataset(args: argparse.Namespace, split: str, mode: str, eval_protocol
     from data import datasets
 
     kwargs: dict[str, Any] = dict(img_size=args.img_size, max_tokens=args.max_tokens, mode=mode,
-                                  eval_protocol=eval_protocol, seed=args.seed, cache_dir=args.cache_dir)
-    if args.dataset == "rrsisd":
+                                  eval_protocol=eval_protocol, seed=args.seed, cache_dir=args.cache_dir,
+                                  # NLTK word masks only for the models that read them (FIANet)
+                                  word_masks=model_uses_word_masks(args.model))
+    if args.dataset in datasets.REFER_DATASETS and args.splitBy:
         kwargs["splitBy"] = args.splitBy
     try:
         ds = datasets.build_dataset(args.dataset, args.refer_data_root, split, args.bert_tokenizer, **kwargs)

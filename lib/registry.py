@@ -238,6 +238,11 @@ def _load_target(target: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), cls)
 
 
+def model_class(name: str) -> type[nn.Module]:
+    """The class of a registered model (imported on demand; nothing is built)."""
+    return _load_target(_spec(name).target)
+
+
 def build_model(config: Mapping[str, Any], *, load_pretrained: bool = False) -> nn.Module:
     """Build a model from its config (random init following the reference rule).
 

@@ -26,6 +26,11 @@ if ! python -c "import nltk; nltk.data.find('taggers/averaged_perceptron_tagger_
     timeout 60 python -m nltk.downloader -q -d "$VENV/nltk_data" averaged_perceptron_tagger_eng >/dev/null 2>&1 || true
     export NLTK_DATA="$VENV/nltk_data"
   fi
+  if ! python -c "import nltk; nltk.data.find('taggers/averaged_perceptron_tagger_eng')" 2>/dev/null; then
+    echo "[quickstart] NLTK's tagger data is not available (no internet?): using the built-in tagger"
+    echo "[quickstart] (OPENRRSIS_POS_TAGGER=builtin; its position masks differ from NLTK's on a few captions)"
+    export OPENRRSIS_POS_TAGGER=builtin
+  fi
 fi
 
 echo "[quickstart] 1/5 synthetic data -> $DATA"
