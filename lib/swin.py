@@ -323,7 +323,7 @@ class MultiModalSwin(nn.Module):
         self.num_features = [embed_dim * 2 ** i for i in range(n)]
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i in range(n):
             self.layers.append(stage_cls(

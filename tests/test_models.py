@@ -232,3 +232,28 @@ def test_dice_sums_over_batch_and_classes():
     assert build_criterion("fianet") is ce_dice_loss
     with pytest.raises(ValueError):
         build_criterion("nope")
+
+
+@pytest.mark.parametrize("name,kw,entries,params", [
+    ("lavt_one", {}, 648, 227_739_514),
+    ("fianet", {"num_tmem": 1}, 853, 251_918_706),
+    ("fianet", {"num_tmem": 3}, 885, 256_168_626),
+])
+def test_paper_size_state_dict_layout(name, kw, entries, params):
+    """Swin-B window 12 + BERT-base, built on the meta device: the originals' entry and parameter
+    counts (lavt.md §9, fianet.md §8) and sample key names."""
+    with torch.device("meta"):
+        model = build_model(model_config(name, window_size=12, **kw))
+    sd = model.state_dict()
+    assert len(sd) == entries
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert sd["backbone.layers.2.blocks.17.attn.relative_position_bias_table"].shape == (529, 16)
+    assert sd["backbone.layers.3.blocks.1.attn.relative_position_index"].shape == (144, 144)
+    assert sd["classifier.conv1_2.weight"].shape == (512, 640, 3, 3)
+    assert "text_encoder.encoder.layer.11.output.LayerNorm.bias" in sd
+    if name == "fianet":
+        assert sd["backbone.tmem.down_channel.weight"].shape == (480, 1920, 1, 1)
+        assert sd["backbone.tmem.block.0.ff.net.3.weight"].shape == (480, 960)
+        assert sd["backbone.layers.1.object_position_align_blk.conv1.weight"].shape == (1, 2, 3, 3)
+    else:
+        assert sd["backbone.layers.3.res_gate.2.weight"].shape == (1024, 1024)
