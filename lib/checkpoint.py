@@ -18,7 +18,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -315,8 +315,3 @@ def load_our_checkpoint(path: str | os.PathLike, strict: bool = True) -> tuple[n
     model = build_model(ckpt["config"])
     load_model_state(model, extract_state_dict(ckpt), strict=strict)
     return model.eval(), dict(ckpt)
-
-
-def state_dict_keys(keys: Iterable[str], prefix: str) -> list[str]:
-    """Keys under ``prefix`` (helper for reports and tests)."""
-    return [k for k in keys if k.startswith(prefix)]

@@ -38,9 +38,6 @@ from torch.utils.checkpoint import checkpoint
 
 from lib.layers import DropPath, Mlp, init_backbone_weights, trunc_normal_
 
-Feats = "dict[str, Any] | None"  # optional feature-capture dict, filled with named tensors
-
-
 # --------------------------------------------------------------------------------------------
 # Patch embedding and merging
 # --------------------------------------------------------------------------------------------
