@@ -93,6 +93,7 @@ class FIANetBackbone(MultiModalSwin):
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.tmem = PyramidNeck(tmem_channels, num_tmem, lambda hidden: TMEMBlock(hidden, l_in, tmem_mlp_ratio))
+        self.set_fused_attention(self.fused_attn)  # the TMEM attention follows the same switch
 
     def forward(self, image, text, feats=None):
         outs = self.forward_stages(image, text, feats)

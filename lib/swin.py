@@ -330,7 +330,9 @@ class MultiModalSwin(nn.Module):
                 stage_index=i, last=i == n - 1, **stage_kwargs[i]))
         for i in range(n):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
+        self.fused_attn = fused_attn
         self.set_grad_ckpt(grad_ckpt)
+        self.set_fused_attention(fused_attn)
 
     def init_weights(self) -> None:
         """Reference init rule on every sub-module (Linear trunc-normal 0.02 / LayerNorm 1, 0)."""
@@ -341,8 +343,11 @@ class MultiModalSwin(nn.Module):
             layer.grad_ckpt = bool(flag)
 
     def set_fused_attention(self, flag: bool) -> None:
+        """Switch every fast path of the backbone (SDPA window attention, GEMM 1x1 projections in
+        the fusion modules: any sub-module with a ``fused`` attribute). False = the reference op
+        sequence, bit-exact with the originals."""
         for m in self.modules():
-            if isinstance(m, WindowAttention):
+            if hasattr(m, "fused"):
                 m.fused = bool(flag)
 
     def forward_stages(self, image: torch.Tensor, text: dict[str, torch.Tensor], feats: Any = None) -> list[torch.Tensor]:
