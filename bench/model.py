@@ -9,7 +9,11 @@ construction (token ids uniform in [1000, vocab), ``l_mask`` all ones, ``t_mask`
 the median of the other 3 is reported; peak memory is the process's maximum RSS at the end (CPU)
 or ``torch.cuda.max_memory_allocated`` (GPU). A training step is ``zero_grad``, forward,
 cross-entropy (``--loss ce``, as the original's measurement; ``--loss model`` for the model's own
-loss), backward and one AdamW step (lr 3e-5, weight decay 1e-2) over all parameters.
+loss), backward and one AdamW step (lr 3e-5, weight decay 1e-2, PyTorch's fused implementation)
+over all parameters.
+
+``--reference-ops`` runs the reference op sequence (fast paths off, three separate BERT passes,
+non-fused AdamW): a same-machine stand-in for the original code.
 
 Settings: ``paper`` = Swin-B window 12, 480x480, full-size BERT-base config with random weights,
 20 tokens, FIANet ``num_tmem`` 3; ``tiny`` = the registry's tiny config at 96x96 (a smoke test).
@@ -39,7 +43,9 @@ ORIGINAL_CPU = {"fianet": {"forward": 4.5, "train": 15.2}}  # seconds, fixtures/
 def _config(model: str, setting: str, args: argparse.Namespace) -> tuple[dict, int, int]:
     from lib.registry import model_config, tiny_model_config
 
-    extra = {"fused_attn": not args.plain_attention, "grad_ckpt": args.grad_ckpt}
+    extra = {"fused_attn": not (args.plain_attention or args.reference_ops), "grad_ckpt": args.grad_ckpt}
+    if args.reference_ops:
+        extra["batched_text"] = False
     if model == "fianet":
         extra["num_tmem"] = 3 if setting == "paper" else 1
     if setting == "paper":
@@ -111,7 +117,7 @@ def measure(args: argparse.Namespace, model_name: str, what: str) -> dict:
             times.append(time.perf_counter() - t0)
     else:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=1e-2)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=1e-2, fused=not args.reference_ops)
         for _ in range(args.passes):
             sync()
             t0 = time.perf_counter()
@@ -126,7 +132,8 @@ def measure(args: argparse.Namespace, model_name: str, what: str) -> dict:
     rec = {
         "bench": "model", "model": model_name, "what": what, "setting": args.setting, "device": args.device,
         "amp": args.amp, "batch": args.batch, "threads": args.threads, "image": size, "tokens": n_tok,
-        "fused_attn": not args.plain_attention, "grad_ckpt": args.grad_ckpt, "loss": args.loss,
+        "fused_attn": not (args.plain_attention or args.reference_ops), "reference_ops": args.reference_ops,
+        "grad_ckpt": args.grad_ckpt, "loss": args.loss,
         "median_s": round(statistics.median(times[1:] if len(times) > 1 else times), 4),
         "times_s": [round(t, 4) for t in times], "peak_mem_mib": round(_peak_memory_mib(device), 1),
         "params": n_params, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
@@ -151,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=4)
     p.add_argument("--loss", choices=["ce", "model"], default="ce")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the Swin blocks")
-    p.add_argument("--plain-attention", action="store_true", help="disable the SDPA window attention")
+    p.add_argument("--plain-attention", action="store_true", help="disable the fast paths (SDPA window attention, "
+                   "GEMM 1x1 projections)")
+    p.add_argument("--reference-ops", action="store_true", help="same-machine proxy of the original: the "
+                   "reference op order (no fast paths), three separate BERT passes, non-fused AdamW")
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -149,7 +149,9 @@ class WindowAttention(nn.Module):
     def relative_bias(self) -> torch.Tensor:
         """(heads, N, N) bias gathered from the table."""
         n = self.window_size ** 2
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        # index_select: same gather as table[index], but its backward is an index_add instead of
+        # the much slower sort-based accumulating index_put.
+        bias = self.relative_position_bias_table.index_select(0, self.relative_position_index.view(-1))
         return bias.view(n, n, -1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,11 +169,15 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def _plain(self, q, k, v, bias, mask):
-        """Reference op order: (q*scale) @ k^T + bias (+ mask), softmax, dropout, @ v."""
-        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
+        """Reference op order: (q*scale) @ k^T + bias (+ mask), softmax, dropout, @ v.
+
+        Bias and mask are added in the logits' dtype (a no-op in float32; under bf16 autocast it
+        keeps the (windows, heads, N, N) tensors in bf16, as the SDPA path does)."""
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = attn + bias.unsqueeze(0).to(attn.dtype)
         if mask is not None:
             nw = mask.shape[0]
-            attn = attn.view(-1, nw, self.num_heads, *attn.shape[-2:]) + mask[None, :, None]
+            attn = attn.view(-1, nw, self.num_heads, *attn.shape[-2:]) + mask[None, :, None].to(attn.dtype)
             attn = attn.view(-1, self.num_heads, *attn.shape[-2:])
         attn = self.attn_drop(attn.softmax(dim=-1))
         return attn @ v
