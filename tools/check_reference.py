@@ -120,14 +120,17 @@ def check_fixture(path: str | Path, *, fused_attention: bool = True, print_fn: C
 
     variant = fx.get("lavt_variant")
     if isinstance(variant, Mapping):
-        # The same weights as an official two-part `lavt` checkpoint, loaded by the same loader.
-        other = str(variant.get("other_variant") or "lavt")
-        cfg2 = dict(cfg, model=other if other in ("lavt", "lavt_one") else "lavt")
-        model2 = build_model(cfg2)
+        # The same weights as an official two-part `lavt` checkpoint ({'model', 'bert_model'}, split
+        # as key_mapping describes), loaded into the `lavt` variant by the same loader.
+        model2 = build_model(dict(cfg, model="lavt"))
         two_part = split_lavt_checkpoint(fx["state_dict"], str(variant.get("bert_prefix", "text_encoder.")))
         load_model_state(model2, extract_state_dict(two_part), strict=True)
         logits2, _ = _run(model2, args)
-        result.logits.append(Row(f"logits ({cfg2['model']}, two-part checkpoint)", _max_diff(logits2, fx["outputs"]), logit_tol))
+        ref2 = fx["outputs"]
+        if str(variant.get("outputs_variant", "lavt_one")) != "lavt":  # logits stored for the other variant?
+            other = variant.get("other_variant_outputs", fx.get("other_variant_outputs"))
+            ref2 = other if torch.is_tensor(other) else ref2
+        result.logits.append(Row("logits (lavt, two-part checkpoint)", _max_diff(logits2, ref2), logit_tol))
 
     ours = _flatten_features(feats)
     for name, ref in _flatten_features(fx.get("features", {})).items():
