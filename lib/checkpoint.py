@@ -166,12 +166,11 @@ def _summarise(keys: list[str], limit: int) -> list[str]:
     return out
 
 
-def _compare(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor],
-             ignored: tuple[str, ...] = ()) -> LoadReport:
+def _compare(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> LoadReport:
     rep = LoadReport()
     for k, v in sd.items():
         if k not in model_sd:
-            if k.endswith(_DERIVED_BUFFER_SUFFIXES) or k in ignored:
+            if k.endswith(_DERIVED_BUFFER_SUFFIXES):
                 rep.ignored.append(k)
             else:
                 rep.unexpected.append(k)
@@ -189,11 +188,9 @@ def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict
     Strict by default: any missing / unexpected key or shape mismatch raises
     `CheckpointMismatchError` and nothing is loaded. With ``strict=False`` the matching entries are
     loaded and the report is printed. Tensors are cast to the parameters' dtype (e.g. float16 files).
-    Keys a model lists in its ``checkpoint_ignored_keys`` attribute (entries of original files it
-    deliberately does not hold, e.g. CrossVLT's ``temp``) are reported as ignored, not unexpected.
     """
     model_sd = model.state_dict()
-    rep = _compare(model_sd, state, tuple(getattr(model, "checkpoint_ignored_keys", ())))
+    rep = _compare(model_sd, state)
     if strict and not rep.ok:
         raise CheckpointMismatchError("strict checkpoint load failed\n" + rep.format())
     model.load_state_dict({k: state[k] for k in rep.loaded}, strict=False)

@@ -105,17 +105,6 @@ def test_non_strict_loads_matching_and_prints(capsys):
     assert "missing" in capsys.readouterr().out
 
 
-def test_model_declared_ignored_keys():
-    model = _tiny()
-    sd = dict(model.state_dict())
-    sd["temp"] = torch.ones(4)
-    with pytest.raises(CheckpointMismatchError, match="temp"):
-        load_model_state(model, sd)
-    model.checkpoint_ignored_keys = ("temp",)
-    rep = load_model_state(model, sd)
-    assert rep.ok and rep.ignored == ["temp"]
-
-
 def test_long_reports_are_summarised():
     model = _tiny()
     with pytest.raises(CheckpointMismatchError) as err:
