@@ -124,11 +124,18 @@ def build_everything(args, info: utils.DistInfo):
         if args.pretrained_swin_weights:
             if not Path(args.pretrained_swin_weights).is_file():
                 raise UserError(f"--pretrained_swin_weights {args.pretrained_swin_weights}: file not found")
-            report = ckpt_lib.load_swin_pretrained(model.backbone, args.pretrained_swin_weights)
+            # Models whose backbone is laid out differently (CrossVLT) bring their own loader.
+            if hasattr(model, "load_pretrained_swin"):
+                report = model.load_pretrained_swin(args.pretrained_swin_weights)
+            else:
+                report = ckpt_lib.load_swin_pretrained(model.backbone, args.pretrained_swin_weights)
             if info.is_main:
                 print(report)
         if engine.has_bert_weights(args.ck_bert):
-            engine.load_pretrained_bert(model, args.ck_bert)
+            if hasattr(model, "load_pretrained_bert"):
+                model.load_pretrained_bert(args.ck_bert)
+            else:
+                engine.load_pretrained_bert(model, args.ck_bert)
         elif info.is_main:
             print(f"[train] {args.ck_bert} has no weights: BERT starts from random initialisation")
     else:

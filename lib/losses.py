@@ -43,11 +43,18 @@ def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.9 * weighted_cross_entropy(logits, target) + 0.1 * dice_loss(logits, target)
 
 
+def crossvlt_segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CrossVLT's segmentation term ``2 * weighted CE`` (crossvlt.md §4); the model adds the
+    alignment loss itself when given the target."""
+    return 2.0 * weighted_cross_entropy(logits, target)
+
+
 _CRITERIA: dict[str, Criterion] = {
     "lavt": weighted_cross_entropy,
     "lavt_one": weighted_cross_entropy,
     "fianet": ce_dice_loss,
     "rmsin": ce_dice_loss,
+    "crossvlt": crossvlt_segmentation_loss,
 }
 
 

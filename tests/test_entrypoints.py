@@ -234,3 +234,27 @@ def test_torchrun_two_cpu_processes(synth, tmp_path):
     assert one["num_samples"] == two["num_samples"]
     for k in ("oIoU", "mIoU", "P@0.5"):
         assert one[k] == pytest.approx(two[k], abs=1e-9)
+
+
+@pytest.mark.parametrize("model,dataset", [("rmsin", "rrsisd"), ("crossvlt", "refcoco")])
+def test_other_models_train_and_test_end_to_end(model, dataset, synth, tmp_path):
+    if dataset == "refcoco":
+        root = synth["rrsisd"].parent / "refcoco"
+        assert (root / "refcoco" / "refs(unc).p").is_file(), "synthetic RefCOCO layout missing"
+        dargs = ["--dataset", "refcoco", "--refer_data_root", str(root), "--bert_tokenizer", str(synth["bert"]),
+                 "--ck_bert", str(synth["bert"]), "--cache_dir", str(tmp_path / "cache")]
+        split = "testA"
+    else:
+        dargs, split = data_args(synth), "test"
+    out = tmp_path / "run"
+    # NLTK is not needed by these models: an empty NLTK_DATA proves the word masks are skipped.
+    env = {"NLTK_DATA": str(tmp_path / "no_nltk")}
+    run("train.py", "--model", model, *dargs, *TINY, "--epochs", "1", "-b", "2", "--max_steps", "2",
+        "--output-dir", str(out), env=env)
+    ck = load(out / "checkpoint_last.pth")
+    assert ck["config"]["model"] == model
+    res = tmp_path / "res.json"
+    run("test.py", "--resume", str(out / "checkpoint_last.pth"), *dargs, *TINY, "--split", split,
+        "--save_json", str(res), "--output-dir", str(tmp_path), env=env)
+    summary = json.loads(res.read_text())
+    assert summary["num_samples"] > 0 and 0.0 <= summary["mIoU"] <= 1.0

@@ -152,8 +152,12 @@ def test_training_step_gradients():
     params = dict(model.named_parameters())
     no_grad = sorted(n for n, p in params.items() if p.grad is None)
     assert no_grad == UNUSED
+    # A 1-channel 1x1 conv feeding a training-mode BatchNorm is scale-invariant: its true gradient
+    # is exactly 0 and only float rounding decides whether ~1e-11 or 0 comes out, so skip those.
+    scale_invariant = (".brb_3x3.conv1.", ".brb_3x3_2.conv1.", ".brb_1x1.conv.", ".brb_1x1_2.conv.")
     zero = [n for n, p in params.items() if p.grad is not None and not p.grad.abs().sum() > 0
-            and not n.startswith("text_encoder.embeddings")]  # unused vocabulary rows are legitimately zero
+            and not n.startswith("text_encoder.embeddings")  # unused vocabulary rows are legitimately zero
+            and not any(k in n for k in scale_invariant)]
     assert zero == []
     for name in ("classifier.conv2_2.weight", "classifier.conv2_4.rounting_func.fc_theta.weight",
                  "classifier.conv2_3.rounting_func.dwc.weight", "backbone.cim.block.0.csa1.m.attention.proj.weight",
