@@ -134,6 +134,10 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str, args: argparse.Namesp
     model = registry.build_model(config)
     try:
         state = ckpt_lib.extract_state_dict(ckpt)
+        # Keys an original checkpoint carries that the model deliberately does not hold
+        # (CrossVLT's never-optimised `temp` in the reference's training files).
+        for key in getattr(model, "checkpoint_ignored_keys", ()):
+            state.pop(key, None)
         report = ckpt_lib.load_model_state(model, state, strict=strict)
     except ckpt_lib.CheckpointMismatchError as e:
         first = str(e).strip().splitlines()

@@ -305,3 +305,24 @@ def test_load_pretrained_bert_selects_embeddings_and_first_layers(tmp_path):
     too_deep = _tiny(bert=bert_cfg, bert_layers_per_stage=[6, 1, 1, 1])
     with pytest.raises(ValueError, match="no encoder layer 5"):
         too_deep.load_pretrained_bert(tmp_path)
+
+
+def test_engine_drops_declared_ignored_keys_of_original_checkpoints(fixture, tmp_path):
+    """test.py/demo.py load a reference TRAINING file (with `temp`) strictly once `temp` is dropped."""
+    import argparse
+
+    import engine
+
+    path = tmp_path / "crossvlt_train.pth"
+    torch.save({"model": {**fixture["state_dict"], "temp": torch.ones(4)}}, path)
+    ckpt = engine.read_checkpoint(str(path))
+    cfg = config_from_fixture(fixture["config"])
+    orig = engine.config_from_args
+    engine.config_from_args = lambda args: cfg  # the flags would describe this config
+    try:
+        model = engine.model_from_checkpoint(ckpt, str(path), argparse.Namespace(model="crossvlt"))
+    finally:
+        engine.config_from_args = orig
+    sd = model.state_dict()
+    for k, v in fixture["state_dict"].items():
+        assert torch.equal(sd[k], v.to(sd[k].dtype)), k
