@@ -49,12 +49,14 @@ def _bert_layer_index(name: str) -> int | None:
     return None
 
 
-def freeze_untrained_parameters(model: nn.Module) -> list[str]:
+def freeze_untrained_parameters(model: nn.Module, bert_pretrained: bool = True) -> list[str]:
     """Freeze what the reference never updates: parameters its forward never uses (the model lists
     them) and the BERT embeddings and encoder layers >= 10, which are not in its optimiser.
 
     Freezing them changes no number the optimiser produces, and lets DDP run without
-    ``find_unused_parameters``.
+    ``find_unused_parameters``. When BERT starts from random weights (no pretrained folder, e.g. the
+    synthetic quick start) its embeddings and all layers are trained: frozen random embeddings
+    would only handicap the text branch.
     """
     frozen: list[str] = []
     unused = set(model.unused_parameter_names()) if hasattr(model, "unused_parameter_names") else set()
@@ -62,7 +64,7 @@ def freeze_untrained_parameters(model: nn.Module) -> list[str]:
         bert_layer = _bert_layer_index(name) if name.startswith("text_encoder.") else None
         in_bert_opt = (name.startswith("text_encoder.encoder.layer.") and bert_layer is not None
                        and bert_layer < BERT_TRAINED_LAYERS)
-        if name in unused or (name.startswith("text_encoder.") and not in_bert_opt):
+        if name in unused or (bert_pretrained and name.startswith("text_encoder.") and not in_bert_opt):
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
@@ -140,7 +142,7 @@ def build_everything(args, info: utils.DistInfo):
             print(f"[train] {args.ck_bert} has no weights: BERT starts from random initialisation")
     else:
         ckpt_lib.load_model_state(model, resume_ckpt["model"], strict=True)
-    freeze_untrained_parameters(model)
+    freeze_untrained_parameters(model, bert_pretrained=engine.has_bert_weights(args.ck_bert))
     return model, config, resume_ckpt
 
 

@@ -44,7 +44,7 @@ COMMON=(--dataset rrsisd --refer_data_root "$DATA/rrsisd" --bert_tokenizer "$DAT
 MODEL=(--model fianet --num_tmem 1 --swin_embed_dim 32 --swin_depths 2-2-2-2 --swin_heads 1-2-4-8 --window_size 4)
 
 echo "[quickstart] 3/5 training a small FIANet for about $MINUTES minutes"
-python train.py "${MODEL[@]}" "${COMMON[@]}" --epochs 40 --lr 5e-4 -b 8 --val_split val \
+python train.py "${MODEL[@]}" "${COMMON[@]}" --epochs 36 --lr 1e-3 -b 8 --val_split val \
   --time_limit "$MINUTES" --print-freq 20 --output-dir "$OUT/train"
 
 echo "[quickstart] 4/5 evaluating on the synthetic test split"
