@@ -118,7 +118,6 @@ def run(args) -> int:
         args_lib.resolve(args, name)
     except ValueError as e:
         raise UserError(str(e)) from None
-    args.model = name if not stored else stored
     model = engine.model_from_checkpoint(ckpt, args.resume, args if not stored else None, strict=not args.non_strict)
     del ckpt
     model.to(info.device).eval()
