@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -72,19 +71,6 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         bert=bert_folder(args.ck_bert),
         swin_overrides=swin_overrides(args),
     )
-
-
-def has_bert_weights(folder: str) -> bool:
-    return any((Path(folder) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
-
-
-def load_pretrained_bert(model: nn.Module, folder: str) -> None:
-    """Copy Hugging Face BERT weights from a local folder into ``model.text_encoder`` (strict, pooler dropped)."""
-    from transformers import BertModel
-
-    hf = BertModel.from_pretrained(folder, add_pooling_layer=False, local_files_only=True)
-    state = {k: v for k, v in hf.state_dict().items() if not k.startswith("pooler.")}
-    ckpt_lib.load_model_state(model.text_encoder, state, strict=True)
 
 
 def model_uses_word_masks(name: str) -> bool:
@@ -243,12 +229,3 @@ def cli_main(fn: Callable[[], int | None]) -> None:
     finally:
         utils.cleanup_distributed()
     sys.exit(code or 0)
-
-
-def iter_chunks(seq: list, size: int) -> Iterator[list]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -126,29 +126,22 @@ def build_everything(args, info: utils.DistInfo):
         if args.pretrained_swin_weights:
             if not Path(args.pretrained_swin_weights).is_file():
                 raise UserError(f"--pretrained_swin_weights {args.pretrained_swin_weights}: file not found")
-            # Models whose backbone is laid out differently (CrossVLT) bring their own loader.
-            if hasattr(model, "load_pretrained_swin"):
-                report = model.load_pretrained_swin(args.pretrained_swin_weights)
-            else:
-                report = ckpt_lib.load_swin_pretrained(model.backbone, args.pretrained_swin_weights)
+            report = ckpt_lib.load_pretrained_swin(model, args.pretrained_swin_weights)
             if info.is_main:
                 print(report)
-        if engine.has_bert_weights(args.ck_bert):
-            if hasattr(model, "load_pretrained_bert"):
-                model.load_pretrained_bert(args.ck_bert)
-            else:
-                engine.load_pretrained_bert(model, args.ck_bert)
+        if ckpt_lib.has_bert_weights(args.ck_bert):
+            ckpt_lib.load_pretrained_bert(model, args.ck_bert)
         elif info.is_main:
             print(f"[train] {args.ck_bert} has no weights: BERT starts from random initialisation")
     else:
         ckpt_lib.load_model_state(model, resume_ckpt["model"], strict=True)
-    freeze_untrained_parameters(model, bert_pretrained=engine.has_bert_weights(args.ck_bert))
+    freeze_untrained_parameters(model, bert_pretrained=ckpt_lib.has_bert_weights(args.ck_bert))
     return model, config, resume_ckpt
 
 
 def train(args) -> int:
     info = utils.init_distributed(args.device)
-    utils.seed_everything(args.seed + info.rank * 0)  # same seed on every rank, as the references
+    utils.seed_everything(args.seed)  # the same seed on every rank, as the references
     device = info.device
     out_dir = Path(args.output_dir)
     if info.is_main:

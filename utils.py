@@ -230,15 +230,6 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (returns a new tensor; the input is left unchanged)."""
-    out = value.detach().clone()
-    if is_dist():
-        dist.all_reduce(out)
-        out /= get_world_size()
-    return out
-
-
 class ShardSampler(torch.utils.data.Sampler[int]):
     """Sequential evaluation sampler that splits indices ``rank::world`` without padding.
 

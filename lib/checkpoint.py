@@ -275,6 +275,32 @@ def load_swin_pretrained(backbone: nn.Module, path: str | os.PathLike) -> LoadRe
 # --------------------------------------------------------------------------------------------
 # Our checkpoints
 # --------------------------------------------------------------------------------------------
+def has_bert_weights(folder: str | os.PathLike) -> bool:
+    """Whether a local BERT folder holds weights (else models keep a random BERT)."""
+    return any((Path(folder) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def load_pretrained_swin(model: nn.Module, path: str | os.PathLike) -> Any:
+    """Official Swin ImageNet weights into a model: its own loader when it has one (backbones laid
+    out differently, e.g. CrossVLT), else `load_swin_pretrained` on ``model.backbone``."""
+    if hasattr(model, "load_pretrained_swin"):
+        return model.load_pretrained_swin(path)
+    return load_swin_pretrained(model.backbone, path)
+
+
+def load_pretrained_bert(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Local Hugging Face BERT weights into a model: its own loader when it has one (CrossVLT's
+    stage-divided encoder), else a strict copy into ``model.text_encoder`` (pooler dropped)."""
+    if hasattr(model, "load_pretrained_bert"):
+        model.load_pretrained_bert(folder)
+        return
+    from transformers import BertModel
+
+    hf = BertModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
+    state = {k: v for k, v in hf.state_dict().items() if not k.startswith("pooler.")}
+    load_model_state(model.text_encoder, state, strict=True)
+
+
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
     """Atomically write ``payload`` (plain data + tensors): temp file in the same folder, fsync,
     ``os.replace``. A failure at any point leaves an existing file at ``path`` untouched."""

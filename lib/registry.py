@@ -253,14 +253,12 @@ def build_model(config: Mapping[str, Any], *, load_pretrained: bool = False) -> 
     model = _load_target(_spec(config["model"]).target)(config)
     model.config = config
     if load_pretrained:
-        from lib.checkpoint import load_swin_pretrained  # lazy: checkpoint imports the registry
+        from lib.checkpoint import load_pretrained_bert, load_pretrained_swin  # lazy: checkpoint imports the registry
 
         if config.get("pretrained_swin"):
-            load_swin_pretrained(model.backbone, config["pretrained_swin"])
+            print(load_pretrained_swin(model, config["pretrained_swin"]))
         if config.get("bert_pretrained"):
-            from bert.text_encoder import build_text_encoder
-
-            model.text_encoder = build_text_encoder(config["bert"], pretrained=config["bert_pretrained"])
+            load_pretrained_bert(model, config["bert_pretrained"])
     return model
 
 

@@ -216,3 +216,25 @@ def test_our_checkpoint_roundtrip(tmp_path):
     torch.save({"model": model.state_dict()}, tmp_path / "noconfig.pth")
     with pytest.raises(CheckpointError, match="no 'config'"):
         load_our_checkpoint(tmp_path / "noconfig.pth")
+
+
+def test_load_pretrained_bert_folder_into_text_encoder(tmp_path):
+    """A local Hugging Face BERT folder (with a pooler) is copied strictly into model.text_encoder."""
+    from transformers import BertConfig, BertModel
+
+    from lib.checkpoint import has_bert_weights, load_pretrained_bert
+    from lib.registry import build_model, tiny_model_config
+
+    model = build_model(tiny_model_config("lavt_one"))
+    cfg = BertConfig(**{k: v for k, v in model.config["bert"].items() if k != "model_type"})
+    torch.manual_seed(3)
+    hf = BertModel(cfg)  # with a pooler, as downloaded folders have
+    assert not has_bert_weights(tmp_path)
+    hf.save_pretrained(tmp_path)
+    assert has_bert_weights(tmp_path)
+    load_pretrained_bert(model, tmp_path)
+    ours = model.text_encoder.state_dict()
+    for k, v in hf.state_dict().items():
+        if not k.startswith("pooler.") and k in ours:
+            assert torch.equal(ours[k], v), k
+    assert torch.equal(ours["embeddings.word_embeddings.weight"], hf.embeddings.word_embeddings.weight)
