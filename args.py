@@ -45,7 +45,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swin_heads", default=None, help="override Swin heads per stage, e.g. 1-2-4-8")
     g.add_argument("--window_size", default=None, type=int, help="explicit Swin window size (overrides --window12)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing in the Swin stages")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true",
+                   help="train.py: torch.compile the (DDP-wrapped) model; validation runs the plain model")
+    g.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend for --compile: inductor (default; needs a C++ compiler, slow to "
+                        "compile), aot_eager (no code generation: fast to start, tests), eager, ...")
 
     g = p.add_argument_group("weights")
     g.add_argument("--bert_tokenizer", default="./pretrained_weights/bert-base-uncased",

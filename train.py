@@ -192,7 +192,13 @@ def train(args) -> int:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # the references use SyncBN under DDP
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        net = torch.compile(net)
+        # DDP first, then compile (PyTorch's recommended order): dynamo sees the DDP wrapper and its
+        # DDPOptimizer splits the graph at the gradient-bucket boundaries, so each bucket's all-reduce
+        # still overlaps the rest of the backward. Compiling the bare model inside DDP would instead
+        # hand DDP one opaque compiled backward with every all-reduce at its end. Only the training
+        # forward is compiled: validation calls the plain `model` (eval mode, other batch sizes would
+        # only trigger recompilations).
+        net = torch.compile(net, backend=args.compile_backend)
 
     writer = None
     if info.is_main:
