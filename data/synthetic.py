@@ -25,7 +25,10 @@ colours, so a small model can tell classes apart.  Each scene holds at least one
 is described by several refs with different targets, so a model that ignores the sentence is
 ambiguous: the captions single out their target by class, colour, size, position in the image or
 relation to a landmark, and a caption only mentions what is true of its target (a distinguishing
-cue is true of the target and of no other object of its class).
+cue is true of the target and of no other object of its class).  Repeated classes are mostly drawn
+in different colours and a caption's distinguishing cue is drawn by kind (``CUE_WEIGHTS``: colour
+and size more often than position and relation), so a small model trained for minutes can learn
+the language; a model that ignores the sentence still scores at most about one third.
 
 Object outlines are polygons (rectangles, ellipses and discs as 4-24-gons; a few classes are
 made of several separate parts).  The pixel masks are rasterised from the very polygons that the
@@ -156,6 +159,7 @@ BACKGROUNDS: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
     ((112, 96, 74), (165, 150, 120)),    # bare soil, light tracks
 )
 
+NEW_COLOUR_PROB = 0.9  # chance that a repeated class is drawn in a colour not used yet for it
 MIN_CONTRAST = 70.0  # least RGB distance between an object's colour and the background base
 
 # Object-count patterns: how many instances of each chosen class.  Every scene has a class twice
@@ -546,6 +550,12 @@ def sample_scene(rng: np.random.Generator, size: int, styles: dict[str, ClassSty
         else:  # pragma: no cover - the shapes above always fit at the supported sizes
             raise RuntimeError(f"could not place a {shape!r} in {region} at image size {size}")
         colours = visible(name)
+        # A repeated class mostly gets a new colour: colour is a cue a small model learns fast,
+        # while absolute position is slow to learn for these encoders (no position embedding).
+        drawn = {o.colour for o in objects if o.name == name}
+        fresh = [c for c in colours if c not in drawn]
+        if fresh and drawn and rng.random() < NEW_COLOUR_PROB:
+            colours = fresh
         colour = colours[rng.integers(len(colours))]
         mask = parts.sum(axis=0).astype(np.uint8)
         objects.append(SceneObject(name, colour, polys, mask, rle=bool(rng.random() < rle_prob)))
@@ -578,6 +588,9 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "below": ("below the {}",),
 }
 SIZE_WORDS = {"large": ("large", "big"), "small": ("small", "little")}
+# How often each kind of distinguishing cue is chosen when several single out the target (per
+# kind, not per cue: there are many position phrases but one colour).
+CUE_WEIGHTS = {"colour": 6.0, "size": 3.0, "position": 1.0, "relation": 1.0}
 SIZE_RATIO = 1.6       # "large"/"small" only when the areas differ at least this much
 POSITION_MARGIN = 0.04  # fraction of the image: centroids this close to a third line are "unsure"
 
@@ -659,6 +672,14 @@ def _pick(rng: np.random.Generator, items: Sequence):
     return items[rng.integers(len(items))]
 
 
+def _pick_cue(rng: np.random.Generator, cues: Sequence[tuple[str, object]]) -> tuple[str, object]:
+    """A cue drawn by kind (``CUE_WEIGHTS``), then uniformly among the cues of that kind."""
+    kinds = sorted({kind for kind, _ in cues}, key=list(CUE_WEIGHTS).index)
+    weights = np.array([CUE_WEIGHTS[k] for k in kinds], dtype=np.float64)
+    kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+    return _pick(rng, [c for c in cues if c[0] == kind])
+
+
 def compose_caption(rng: np.random.Generator, name: str, cues: Cues, needs_cue: bool,
                     bare_prob: float = 0.0) -> str | None:
     """One lower-case caption for a target of class ``name``.
@@ -678,7 +699,7 @@ def compose_caption(rng: np.random.Generator, name: str, cues: Cues, needs_cue: 
         return _pick(rng, RELATION_PHRASES[relation]).format(mark)
 
     if needs_cue:
-        kind, value = _pick(rng, cues.unique)
+        kind, value = _pick_cue(rng, cues.unique)
         if kind in ("colour", "size"):
             adjectives[kind] = value if kind == "colour" else _pick(rng, SIZE_WORDS[value])
         else:

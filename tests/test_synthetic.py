@@ -360,6 +360,18 @@ def test_cues_on_a_hand_made_scene():
         assert "blue" in text.split()
 
 
+def test_cue_kinds_are_drawn_by_weight_not_by_count():
+    # One colour cue against five position cues: drawn per kind, colour wins 6 times in 7.
+    cues = [("colour", "red")] + [("position", k) for k in list(syn.POSITION_PHRASES)[:5]]
+    rng = np.random.default_rng(0)
+    kinds = [syn._pick_cue(rng, cues)[0] for _ in range(1400)]
+    share = kinds.count("colour") / len(kinds)
+    expected = syn.CUE_WEIGHTS["colour"] / (syn.CUE_WEIGHTS["colour"] + syn.CUE_WEIGHTS["position"])
+    assert abs(share - expected) < 0.03
+    positions = {v for k, v in (syn._pick_cue(rng, cues) for _ in range(400)) if k == "position"}
+    assert len(positions) == 5  # every cue of the chosen kind stays possible
+
+
 # --------------------------------------------------------------------------------------------
 # RefSegRS layout
 # --------------------------------------------------------------------------------------------
