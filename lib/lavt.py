@@ -10,7 +10,11 @@ variant: identical modules and numbers, but its official checkpoints are two-par
 separate BERT in train mode, so ``train()`` keeps ``text_encoder`` in eval (dropout off).
 
 `LAVTOne` is also the base class of the other LAVT-family models: they override
-``stage_cls`` / ``build_backbone`` / ``encode_text``.
+``stage_cls`` / ``build_backbone`` / ``build_classifier`` / ``encode_text``.
+
+Config entries read here besides the sizes: ``fused_attn`` (fast paths on; ``False`` gives the
+reference op order, which also keeps the decoder in the plain layout) and ``channels_last``
+(``'auto'`` by default: the decoder's channels-last fast path on CUDA only, see `lib.decoder`).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bert.text_encoder import build_text_encoder
-from lib.decoder import SimpleDecoding
+from lib.decoder import ChannelsLast, SimpleDecoding, check_channels_last
 from lib.fusion import PWAM, tanh_gate
 from lib.swin import MultiModalStage, MultiModalSwin
 
@@ -79,14 +83,19 @@ class LAVTOne(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = self.build_backbone(config)
-        self.classifier = SimpleDecoding(config["decoder"]["c4_dims"], config["decoder"].get("factor", 2))
+        self.classifier = self.build_classifier(config)
         self.text_encoder = build_text_encoder(config["bert"])
         # Reference init order: backbone built with default init, then the backbone init rule.
         self.backbone.init_weights()
+        self.set_channels_last(decoder_channels_last(config))
 
     # -- construction hooks ------------------------------------------------------------------
     def build_backbone(self, config: dict[str, Any]) -> MultiModalSwin:
         return MultiModalSwin(self.stage_cls, fusion_stage_kwargs(config), **swin_kwargs(config))
+
+    def build_classifier(self, config: dict[str, Any]) -> nn.Module:
+        """The decoder (``classifier``): maps of the 4 stages -> (B, 2, H/4, W/4) logits."""
+        return SimpleDecoding(config["decoder"]["c4_dims"], config["decoder"].get("factor", 2))
 
     # -- forward -----------------------------------------------------------------------------
     def encode_text(self, text: torch.Tensor, l_mask: torch.Tensor, t_mask=None, p_mask=None, feats=None) -> dict:
@@ -130,7 +139,21 @@ class LAVTOne(nn.Module):
         self.backbone.set_grad_ckpt(flag)
 
     def set_fused_attention(self, flag: bool) -> None:
+        """Every fast path on (``True``) or the reference op order (``False``, decoder layout included)."""
         self.backbone.set_fused_attention(flag)
+        self.set_channels_last(self.config.get("channels_last", "auto") if flag else False)
+
+    def set_channels_last(self, flag: ChannelsLast) -> None:
+        """The decoder's channels-last fast path: ``True``, ``False`` or ``'auto'`` (CUDA only)."""
+        self.classifier.channels_last = check_channels_last(flag)
+
+
+def decoder_channels_last(config: dict[str, Any]) -> ChannelsLast:
+    """The decoder layout a config asks for: ``config['channels_last']`` (default ``'auto'``), and
+    never with the fast paths off (``fused_attn=False`` is the reference op order)."""
+    if not config.get("fused_attn", True):
+        return False
+    return check_channels_last(config.get("channels_last", "auto"))
 
 
 class LAVT(LAVTOne):

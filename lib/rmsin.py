@@ -360,13 +360,6 @@ class RMSIN(LAVTOne):
 
     stage_cls: type[MultiModalStage] = RMSINStage
 
-    def __init__(self, config: dict[str, Any]):
-        super().__init__(config)
-        # LAVTOne builds a plain SimpleDecoding; replace it (same attribute, same state_dict position).
-        dec = config["decoder"]
-        self.classifier = build_arc_decoder(dec["c4_dims"], dec.get("factor", 2), self._grids(config),
-                                            config.get("arc", {}).get("kernel_number", 1))
-
     @staticmethod
     def _grids(config: dict[str, Any]) -> list[Grid]:
         s = config["swin"]
@@ -377,3 +370,8 @@ class RMSIN(LAVTOne):
             raise ValueError("RMSIN config lacks the 'cim' entry (build it with lib.registry.model_config('rmsin'))")
         return RMSINBackbone(self.stage_cls, fusion_stage_kwargs(config), cim=config["cim"],
                              grid=self._grids(config)[-1], **swin_kwargs(config))
+
+    def build_classifier(self, config: dict[str, Any]) -> SimpleDecoding:
+        dec = config["decoder"]
+        return build_arc_decoder(dec["c4_dims"], dec.get("factor", 2), self._grids(config),
+                                 config.get("arc", {}).get("kernel_number", 1))
