@@ -1,37 +1,35 @@
-"""Benchmark: RRSIS-D-scale dataset construction, first start vs cached start.
-
-    python bench/data.py [--workdir DIR] [--keep] [--text masks,ids,builtin]
+"""Dataset construction at RRSIS-D scale (``--what data``): first start vs cached start.
 
 Writes synthetic annotations at RRSIS-D scale into a temporary folder (17,402 refs with one
 caption each, split 12,181 / 1,740 / 3,481 like the real ``refs(unc).p``; 800x800 images in
 ``instances.json`` segmented by polygons (70 %) or compressed RLE (30 %); no image files, since
-construction never opens images), then builds the train, val and test ``RRSISDDataset`` in two
-fresh processes: the first with an empty cache (tokenisation + NLTK word masks), the second
-reusing it (``--repeats`` times, median reported). Prints one JSON line with the timings per
-``--text`` variant: ``masks`` (ids + FIANet word masks with NLTK, the default), ``ids`` (ids only,
-``word_masks=False``: what LAVT / RMSIN / CrossVLT need) and ``builtin`` (word masks with the
-built-in POS tagger). ``masks`` needs the NLTK tagger data (``NLTK_DATA``; defaults to
-``../shared/nltk_data`` when present).
+construction never opens images), then builds the train, val and test ``RRSISDDataset`` (mode
+eval, the dataset's default 22 tokens) in fresh processes: the first with an empty cache
+(tokenisation + word masks), then ``repeats`` more reusing it (median / min / max reported).
+Text variants: ``masks`` (ids + FIANet word masks with NLTK), ``ids`` (``word_masks=False``:
+what LAVT / RMSIN / CrossVLT need) and ``builtin`` (word masks with the built-in POS tagger).
+``masks`` needs the NLTK tagger data (``NLTK_DATA``; defaults to ``../shared/nltk_data`` when
+present). The ``tiny`` setting writes 1/100 of the refs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `python bench/data.py` would otherwise see bench/ first
+from _common import ROOT, BenchError, Options, base_record
 
 SPLITS = {"train": 12181, "val": 1740, "test": 3481}
+SCALE = {"paper": 1, "tiny": 100}  # the tiny setting writes 1/100 of the refs
 IMAGE_SIZE = 800
 
 CLASSES = ["airplane", "airport", "golf field", "expressway service area", "baseball field", "stadium",
@@ -78,15 +76,16 @@ def polygon(rng: random.Random, points: int = 40) -> list[float]:
     return coords
 
 
-def generate(root: Path, seed: int = 0) -> dict:
-    """Write ``<root>/rrsisd/{refs(unc).p, instances.json}`` and a tokenizer folder; returns paths."""
+def generate(root: Path, seed: int = 0, scale: int = 1) -> dict:
+    """Write ``<root>/rrsisd/{refs(unc).p, instances.json}`` and a tokenizer folder; returns paths.
+    ``scale``: write 1/scale of RRSIS-D's refs per split."""
     from pycocotools import mask as mask_utils
 
     rng = random.Random(seed)
     (root / "rrsisd").mkdir(parents=True, exist_ok=True)
     (root / "images" / "rrsisd" / "JPEGImages").mkdir(parents=True, exist_ok=True)
     images, anns, refs, words = [], [], [], set()
-    split_list = [s for s, n in SPLITS.items() for _ in range(n)]
+    split_list = [s for s, n in SPLITS.items() for _ in range(max(1, n // scale))]
     rng.shuffle(split_list)
     for index, split in enumerate(split_list):
         image_id, cat = index + 1, rng.randrange(len(CLASSES))
@@ -139,69 +138,59 @@ def construct(root: str, tokenizer: str, cache: str, variant: str = "masks") -> 
     return result
 
 
-def run_fresh(root: Path, tokenizer: Path, cache: Path, variant: str) -> dict:
+def child_env() -> dict[str, str]:
+    """The environment of a construction process: ``NLTK_DATA`` defaults to ``../shared/nltk_data``."""
     env = dict(os.environ)
     shared_nltk = ROOT.parent / "shared" / "nltk_data"
     if not env.get("NLTK_DATA") and shared_nltk.is_dir():
         env["NLTK_DATA"] = str(shared_nltk)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--construct", str(root), str(tokenizer),
-                           str(cache), variant], capture_output=True, text=True, env=env, cwd=ROOT)
+    return env
+
+
+def run_fresh(root: Path, tokenizer: Path, cache: Path, variant: str) -> dict:
+    """`construct` in a fresh process (``bench/run.py --construct``)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--construct", str(root), str(tokenizer),
+                           str(cache), variant], capture_output=True, text=True, env=child_env(), cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"construction failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise BenchError(f"dataset construction ({variant}) failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default=None, help="where to write the data (default: a temp folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the generated data")
-    parser.add_argument("--repeats", type=int, default=3, help="cached starts to time (median reported)")
-    parser.add_argument("--text", default="masks",
-                        help=f"comma-separated text variants to time: {', '.join(TEXT_VARIANTS)} (default masks)")
-    parser.add_argument("--construct", nargs=4, metavar=("ROOT", "TOKENIZER", "CACHE", "VARIANT"),
-                        help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.construct:
-        print(json.dumps(construct(*args.construct)))
-        return
-    variants = [v.strip() for v in args.text.split(",") if v.strip()]
+def measure(setting: str, variants: list[str], opts: Options, repeats: int) -> list[dict[str, Any]]:
+    """One record per text variant: the first start and ``repeats`` cached starts, each in a fresh process."""
     unknown = [v for v in variants if v not in TEXT_VARIANTS]
     if unknown or not variants:
-        parser.error(f"--text {args.text}: choose from {', '.join(TEXT_VARIANTS)}")
-
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="openrrsis-bench-data-"))
+        raise BenchError(f"--text {','.join(variants)}: choose from {', '.join(TEXT_VARIANTS)}")
+    work = Path(tempfile.mkdtemp(prefix="openrrsis-bench-data-"))
+    records = []
     try:
         t0 = time.perf_counter()
-        info = generate(work / "data")
+        info = generate(work / "data", scale=SCALE[setting])
         generate_s = time.perf_counter() - t0
         for variant in variants:
             cache = work / f"cache-{variant}"
-            shutil.rmtree(cache, ignore_errors=True)
             first = run_fresh(info["root"], info["tokenizer"], cache, variant)
-            runs = sorted((run_fresh(info["root"], info["tokenizer"], cache, variant)
-                           for _ in range(max(1, args.repeats))), key=lambda r: r["construct_s"])
-            report(info, generate_s, variant, first, runs)
+            runs = [run_fresh(info["root"], info["tokenizer"], cache, variant) for _ in range(max(1, repeats))]
+            records.append(record(setting, opts, info, generate_s, variant, first, runs))
     finally:
-        if not args.keep and not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return records
 
 
-def report(info: dict, generate_s: float, variant: str, first: dict, runs: list[dict]) -> None:
-    """Print one JSON line for a variant: first start and the median cached start."""
-    cached = runs[len(runs) // 2]  # the median run
-    print(json.dumps({
-        "bench": "data", "text": variant, "refs": info["refs"], "sentences": info["refs"],
+def record(setting: str, opts: Options, info: dict, generate_s: float, variant: str, first: dict,
+           runs: list[dict]) -> dict[str, Any]:
+    """A variant's record: ``median_s`` / ``min_s`` / ``max_s`` of the cached starts, ``first_start_s``."""
+    times = [r["construct_s"] for r in runs]
+    cached = sorted(runs, key=lambda r: r["construct_s"])[len(runs) // 2]  # the median run
+    rec = base_record("-", "data", setting, opts, None, 22)
+    rec.update({
+        "text": variant, "batch": None, "refs": info["refs"], "sentences": info["refs"],
         "instances_json_mb": round(info["instances_mb"], 1), "refs_pickle_mb": round(info["refs_mb"], 1),
-        "generate_s": round(generate_s, 2),
-        "first_start_s": round(first["construct_s"], 2), "cached_start_s": round(cached["construct_s"], 2),
-        "cached_start_all_s": [round(r["construct_s"], 2) for r in runs],
-        "import_s": round(cached["import_s"], 2),
-        "first_splits": first["splits"], "cached_splits": cached["splits"],
+        "generate_s": round(generate_s, 2), "first_start_s": round(first["construct_s"], 3),
+        "median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3), "max_s": round(max(times), 3),
+        "times_s": [round(t, 3) for t in times], "unit": "s/construction (train+val+test, cached)",
+        "import_s": round(cached["import_s"], 2), "first_splits": first["splits"], "cached_splits": cached["splits"],
         "cached_loads_transformers": cached["transformers_imported"], "cached_loads_nltk": cached["nltk_imported"],
-        "first_loads_nltk": first["nltk_imported"],
-        "cpus": os.cpu_count(), "python": sys.version.split()[0],
-    }), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+        "first_loads_nltk": first["nltk_imported"], "peak_mem_mib": None,
+    })
+    return rec

@@ -1,0 +1,184 @@
+"""What every benchmark measurement shares: the settings (model config, image size, tokens), the
+machine description, timing summaries, peak memory, FLOP counting and the results file.
+
+Settings:
+
+* ``paper``: Swin-B (embed 128, depths 2-2-18-2, heads 4-8-16-32), window 12, 480x480, the
+  full-size BERT-base config with random weights, 20 tokens (CrossVLT: 21, its reference length),
+  FIANet ``num_tmem`` 3.
+* ``tiny``: the registry's tiny config (Swin embed 16, depths 2-2-2-2, a one-layer 32-wide BERT)
+  at 96x96 and 12 tokens: a seconds-long smoke test of every code path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results.jsonl"
+SETTINGS = ("paper", "tiny")
+PAPER_TOKENS = {"crossvlt": 21}  # reference sentence lengths that differ from the default 20
+
+
+class BenchError(ValueError):
+    """A bad benchmark request (printed as one line)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """The switches that change what a measurement runs (everything but model / what / setting)."""
+
+    device: str = "cpu"
+    amp: str = "off"
+    batch: int = 2
+    threads: int = 2
+    plain_attention: bool = False
+    reference_ops: bool = False
+    grad_ckpt: bool = False
+    channels_last: str = "auto"  # decoder layout: auto (CUDA only), on, off
+    loss: str = "ce"             # train: ce (plain cross-entropy, the original's protocol) or model
+    adamw: str = "fused"         # train: "fused" AdamW or PyTorch's "default" choice (for-loop on CPU)
+
+    @property
+    def fast_paths(self) -> bool:
+        return not (self.plain_attention or self.reference_ops)
+
+
+def setting_config(model: str, setting: str, opts: Options) -> tuple[dict[str, Any], int, int]:
+    """``(model config, image size, tokens)`` of a setting."""
+    from lib.registry import model_config, tiny_model_config
+
+    if setting not in SETTINGS:
+        raise BenchError(f"--setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    extra: dict[str, Any] = {"fused_attn": opts.fast_paths, "grad_ckpt": opts.grad_ckpt}
+    if opts.reference_ops and model == "fianet":
+        extra["batched_text"] = False
+    if model == "fianet":
+        extra["num_tmem"] = 3 if setting == "paper" else 1
+    if setting == "paper":
+        size, tokens = 480, PAPER_TOKENS.get(model, 20)
+        cfg = model_config(model, swin_type="base", window_size=12, bert="bert-base-uncased", img_size=size, **extra)
+    else:
+        size, tokens = 96, 12
+        cfg = tiny_model_config(model, img_size=size, **extra)  # RMSIN derives its CIM grid from img_size
+    cfg["channels_last"] = {"auto": "auto", "on": True, "off": False}[opts.channels_last]
+    return cfg, size, tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Machine, timing, memory
+# --------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict[str, Any]:
+    """Where a measurement ran: CPU model and cores, GPU name, load average (1/5/15 min)."""
+    import torch
+
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def summarise(times: Sequence[float], warmup: int) -> dict[str, Any]:
+    """Median / min / max of the passes after the warm-up ones (all passes when there are no others)."""
+    kept = list(times[warmup:]) or list(times)
+    return {"median_s": round(statistics.median(kept), 4), "min_s": round(min(kept), 4), "max_s": round(max(kept), 4),
+            "times_s": [round(t, 4) for t in times], "warmup": min(warmup, len(times) - 1)}
+
+
+def peak_memory(device) -> dict[str, Any]:
+    """Peak memory of this process: ``torch.cuda.max_memory_allocated`` on a GPU, max RSS on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_mem_mib": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1),
+                "peak_mem_kind": "cuda_max_memory_allocated"}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_mem_mib": round(rss_kib / 1024, 1), "peak_mem_kind": "process_max_rss"}
+
+
+def synchronizer(device) -> Callable[[], None]:
+    import torch
+
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def prepare_torch(opts: Options):
+    """Threads, TF32 off (float32 means float32), the device."""
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {opts.device}: CUDA is not available on this machine")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
+def autocast(device, amp: str):
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and
+    attention; element-wise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def utilisation(flops_per_image: float | None, images_per_s: float | None, peak_tflops: float) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the device's peak (``--peak-tflops``)."""
+    if not flops_per_image or not images_per_s or peak_tflops <= 0:
+        return None
+    return float(f"{flops_per_image * images_per_s / (peak_tflops * 1e12):.4g}")
+
+
+def base_record(model: str, what: str, setting: str, opts: Options, image: int | None, tokens: int | None) -> dict[str, Any]:
+    import torch
+
+    return {
+        "bench": "run", "model": model, "what": what, "setting": setting, "device": opts.device, "amp": opts.amp,
+        "batch": opts.batch, "threads": opts.threads, "image": image, "tokens": tokens,
+        "fused_attn": opts.fast_paths, "reference_ops": opts.reference_ops, "grad_ckpt": opts.grad_ckpt,
+        "channels_last": opts.channels_last, "loss": opts.loss, "adamw": opts.adamw,
+        "torch": torch.__version__, "python": platform.python_version(), "machine": machine(opts.device),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def append_results(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+
+
+def ensure_importable() -> None:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))

@@ -1,0 +1,157 @@
+"""Model-level measurements: eval forward, one training step, forward FLOPs.
+
+Protocol (fixtures/README.md, "CPU speed of the original FIANet"): inputs drawn with
+``torch.manual_seed(0)`` after construction (token ids uniform in [1000, vocab), ``l_mask`` all
+ones, ``t_mask`` ones at tokens 1-2, ``p_mask`` ones at tokens 3-6, a uniform {0, 1} target);
+``--passes`` passes (default 4), the first ``--warmup`` (1) are warm-up, median / min / max of
+the others. Eval forward = ``eval()`` + ``no_grad``. A training step = ``zero_grad``, forward,
+loss, backward and one AdamW step (lr 3e-5, weight decay 1e-2):
+
+* ``--loss ce`` (default): plain cross-entropy over all parameters, as the original's measurement;
+* ``--loss model``: the model's own training objective (CrossVLT: logits + alignment loss from
+  the target, ``2 * weighted CE + alignment``) over train.py's parameter groups with the
+  parameters the reference never updates frozen.
+
+``--reference-ops`` runs the reference op sequence (fast paths off, three separate BERT passes
+for FIANet, PyTorch's default AdamW): a same-machine stand-in for the original code.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+from _common import (Options, autocast, base_record, count_flops, peak_memory, prepare_torch, setting_config,
+                     summarise, synchronizer, utilisation)
+
+ORIGINAL_CPU = {"fianet": {"forward": 4.5, "train": 15.2}}  # seconds, fixtures/README.md (batch 2, 2 threads)
+
+
+def make_inputs(cfg: dict, batch: int, size: int, tokens: int, device) -> tuple[list, Any]:
+    """``([image, ids, l_mask, t_mask, p_mask], target)`` drawn after ``torch.manual_seed(0)``."""
+    import torch
+
+    torch.manual_seed(0)
+    vocab = cfg["bert"]["vocab_size"]
+    ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch, tokens))
+    l_mask = torch.ones(batch, tokens, dtype=torch.long)
+    t_mask = torch.zeros_like(l_mask)
+    t_mask[:, 1:3] = 1
+    p_mask = torch.zeros_like(l_mask)
+    p_mask[:, 3:7] = 1
+    image = torch.randn(batch, 3, size, size)
+    target = torch.randint(0, 2, (batch, size, size))
+    return [t.to(device) for t in (image, ids, l_mask, t_mask, p_mask)], target.to(device)
+
+
+def children_params(model) -> dict[str, int]:
+    return {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+
+
+def build(model_name: str, setting: str, opts: Options, device):
+    import torch
+
+    from lib.registry import build_model
+
+    cfg, size, tokens = setting_config(model_name, setting, opts)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    inputs, target = make_inputs(cfg, opts.batch, size, tokens, device)
+    if not getattr(model, "uses_word_masks", False):
+        inputs = inputs[:3]
+    return model, cfg, size, tokens, inputs, target
+
+
+def training_step_fn(model_name: str, model, inputs, target, opts: Options, device):
+    """``(step(), zero_grad())``: one full training step as the module docstring describes."""
+    import torch
+    import torch.nn.functional as F
+
+    amp = autocast(device, opts.amp)
+    if opts.loss == "model":
+        import train as train_lib
+        from lib.losses import build_criterion
+
+        train_lib.freeze_untrained_parameters(model, bert_pretrained=False)
+        params = train_lib.parameter_groups(model, 1e-2)
+        criterion = build_criterion(model_name)
+        with_target = "target" in inspect.signature(model.forward).parameters
+    else:
+        params = list(model.parameters())
+        criterion, with_target = F.cross_entropy, False
+    opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-2, fused=opts.adamw == "fused" and not opts.reference_ops)
+
+    def forward_backward():
+        with amp:
+            if with_target:
+                logits, aux = model(*inputs, target=target)
+            else:
+                logits, aux = model(*inputs), None
+        loss = criterion(logits.float(), target)
+        if aux is not None:
+            loss = loss + aux.float()
+        loss.backward()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        forward_backward()
+        opt.step()
+
+    return step, forward_backward, lambda: opt.zero_grad(set_to_none=True)
+
+
+def measure(model_name: str, what: str, setting: str, opts: Options, passes: int, warmup: int,
+            flops: bool, peak_tflops: float) -> dict[str, Any]:
+    """One ``forward`` / ``train`` / ``flops`` measurement in this process."""
+    import torch
+
+    device = prepare_torch(opts)
+    model, cfg, size, tokens, inputs, target = build(model_name, setting, opts, device)
+    sync = synchronizer(device)
+    rec = base_record(model_name, what, setting, opts, size, tokens)
+    rec["params"] = sum(p.numel() for p in model.parameters())
+    rec["params_by_child"] = children_params(model)
+
+    def forward():
+        with torch.no_grad(), autocast(device, opts.amp):
+            model(*inputs)
+
+    if what == "flops":
+        model.eval()
+        per_image = count_flops(forward) / opts.batch
+        rec.update({"flops_per_image": per_image, "gflops_per_image": round(per_image / 1e9, 2),
+                    "train_flops_per_image_est": 3 * per_image, "note": "forward only; training ~ 3x forward"})
+        rec.update(peak_memory(device))
+        return rec
+
+    times = []
+    if what == "forward":
+        model.eval()
+        run = forward
+    else:
+        model.train()
+        run, forward_backward, zero_grad = training_step_fn(model_name, model, inputs, target, opts, device)
+    for _ in range(passes):
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    rec.update(summarise(times, warmup))
+    rec["unit"] = "s/pass"
+    rec["images_per_s"] = round(opts.batch / rec["median_s"], 4)
+    rec.update(peak_memory(device))
+    if flops:  # counted after the timing (and the memory peak), on the same batch
+        if what == "forward":
+            per_image = count_flops(forward) / opts.batch
+        else:
+            per_image = count_flops(forward_backward) / opts.batch
+            zero_grad()
+        rec["flops_per_image"] = per_image
+        rec["peak_tflops"] = peak_tflops
+        rec["mfu"] = utilisation(per_image, rec["images_per_s"], peak_tflops)
+    ref = ORIGINAL_CPU.get(model_name, {}).get(what)
+    if ref and setting == "paper" and opts.device == "cpu" and opts.threads == 2 and opts.batch == 2:
+        rec["original_s"] = ref
+        rec["speedup_vs_original"] = round(ref / rec["median_s"], 2)
+    return rec
