@@ -527,12 +527,18 @@ class Scene:
 def sample_scene(rng: np.random.Generator, size: int, styles: dict[str, ClassStyle],
                  rle_prob: float = 0.0) -> Scene:
     """Draw one image: background plus 3-5 non-overlapping objects (at least one class twice)."""
-    img, base = render_background(rng, size)
-    counts = LAYOUTS[rng.integers(len(LAYOUTS))]
-    # Only classes with a colour that stands out from this background.
+    # Only classes with a colour that stands out from the background (redrawn if too few do).
     def visible(c: str) -> list[str]:
         return [k for k in styles[c].colours if np.linalg.norm(np.array(COLOURS[k]) - base) >= MIN_CONTRAST]
-    usable = [c for c in styles if visible(c)]
+    for _ in range(50):
+        img, base = render_background(rng, size)
+        usable = [c for c in styles if visible(c)]
+        if len(usable) >= 2:
+            break
+    else:
+        raise SyntheticDataError(f"classes {', '.join(styles)}: too few stand out from any background")
+    fitting = [c for c in LAYOUTS if len(c) <= len(usable)]
+    counts = fitting[rng.integers(len(fitting))]
     names = [usable[i] for i in rng.choice(len(usable), size=len(counts), replace=False)]
     instances = [n for n, c in zip(names, counts) for _ in range(c)]
     regions = split_regions(rng, size, len(instances))
@@ -807,7 +813,7 @@ def _split_counts(num_images: int, num_val: int | None, num_test: int | None) ->
 
 
 def write_rrsisd(root: Path, rng: np.random.Generator, counts: dict[str, int], size: int,
-                 refs_per_image: int) -> dict[str, dict[str, int]]:
+                 refs_per_image: int, styles: dict[str, ClassStyle] = RRSISD_STYLES) -> dict[str, dict[str, int]]:
     """Write the REFER-layout dataset under ``root``; returns per-split image/ref/sentence counts."""
     image_dir = root / "images" / "rrsisd" / "JPEGImages"
     ann_dir = root / "rrsisd"
@@ -820,7 +826,7 @@ def write_rrsisd(root: Path, rng: np.random.Generator, counts: dict[str, int], s
     for split in SPLITS:
         for _ in range(counts[split]):
             scene, scene_refs = sample_described_scene(
-                rng, size, RRSISD_STYLES, refs_per_image, rle_prob=0.1, second_sentence_prob=0.05)
+                rng, size, styles, refs_per_image, rle_prob=0.1, second_sentence_prob=0.05)
             image_id += 1
             file_name = f"{image_id:05d}.jpg"
             Image.fromarray(scene.image).save(image_dir / file_name, quality=95, subsampling=0)
@@ -860,7 +866,7 @@ def write_rrsisd(root: Path, rng: np.random.Generator, counts: dict[str, int], s
 
 
 def write_refsegrs(root: Path, rng: np.random.Generator, counts: dict[str, int], size: int,
-                   refs_per_image: int) -> dict[str, dict[str, int]]:
+                   refs_per_image: int, styles: dict[str, ClassStyle] = REFSEGRS_STYLES) -> dict[str, dict[str, int]]:
     """Write the RefSegRS layout: one sample id (own image and mask file) per phrase line."""
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir(parents=True)
@@ -869,7 +875,7 @@ def write_refsegrs(root: Path, rng: np.random.Generator, counts: dict[str, int],
     for split in SPLITS:
         lines = []
         for _ in range(counts[split]):
-            scene, scene_refs = sample_described_scene(rng, size, REFSEGRS_STYLES, refs_per_image,
+            scene, scene_refs = sample_described_scene(rng, size, styles, refs_per_image,
                                                        bare_prob=0.15)
             for ref in scene_refs:
                 Image.fromarray(scene.image).save(root / "images" / f"{sample_id}.tif")
@@ -925,7 +931,7 @@ def _captions_for(rng: np.random.Generator, scene: Scene, index: int, size: int,
 
 
 def write_refcoco(root: Path, rng: np.random.Generator, counts: dict[str, int], size: int,
-                  refs_per_image: int) -> dict[str, dict[str, dict[str, int]]]:
+                  refs_per_image: int, styles: dict[str, ClassStyle] = COCO_STYLES) -> dict[str, dict[str, dict[str, int]]]:
     """Write ``refcoco``, ``refcoco+`` and ``refcocog`` (umd + google) in the REFER layout.
 
     Images (JPEG, every ``GREY_EVERY``-th one greyscale) go to ``images/mscoco/images/train2014``;
@@ -943,7 +949,7 @@ def write_refcoco(root: Path, rng: np.random.Generator, counts: dict[str, int], 
     sent_ids = dict.fromkeys(REFCOCO_CUES, 0)
     ann_id = 0
     for image_id, unc_split in enumerate(plan, start=1):
-        scene, scene_refs = sample_described_scene(rng, size, COCO_STYLES, refs_per_image, rle_prob=0.1)
+        scene, scene_refs = sample_described_scene(rng, size, styles, refs_per_image, rle_prob=0.1)
         grey = image_id % GREY_EVERY == 0
         file_name = f"COCO_train2014_{image_id:012d}.jpg"
         picture = Image.fromarray(scene.image)
@@ -994,11 +1000,12 @@ def write_refcoco(root: Path, rng: np.random.Generator, counts: dict[str, int], 
     return stats
 
 
+# No dropout: this BERT starts from random weights and is trained for minutes, not regularised.
 BERT_CONFIG = {
     "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 64,
     "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
     "max_position_embeddings": 64, "type_vocab_size": 2, "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "layer_norm_eps": 1e-12,
+    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "layer_norm_eps": 1e-12,
     "initializer_range": 0.02, "pad_token_id": 0,
 }
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -1055,6 +1062,30 @@ MARKER = "synthetic.json"  # written into DIR; lets a later run replace our own 
 LAYOUTS_ALL: tuple[str, ...] = ("rrsisd", "refsegrs", "refcoco")
 
 
+LAYOUT_STYLES: dict[str, dict[str, ClassStyle]] = {
+    "rrsisd": RRSISD_STYLES, "refsegrs": REFSEGRS_STYLES, "refcoco": COCO_STYLES}
+MIN_CLASSES = 3  # the richest object-count pattern draws three different classes
+
+
+def _class_styles(layouts: Sequence[str], classes: Sequence[str] | str | None) -> dict[str, dict[str, ClassStyle]]:
+    """The class table of each layout, restricted to ``classes`` (names of that layout) when given."""
+    if classes is None:
+        return {name: LAYOUT_STYLES[name] for name in layouts}
+    wanted = [c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes) if c.strip()]
+    known = {c for name in layouts for c in LAYOUT_STYLES[name]}
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise SyntheticDataError(f"--classes: unknown class(es) {', '.join(map(repr, unknown))} for layouts "
+                                 f"{', '.join(layouts)}; known: {', '.join(sorted(known))}")
+    out = {}
+    for name in layouts:
+        out[name] = {c: LAYOUT_STYLES[name][c] for c in wanted if c in LAYOUT_STYLES[name]}
+        if len(out[name]) < MIN_CLASSES:
+            raise SyntheticDataError(f"--classes leaves {len(out[name])} class(es) of the {name} layout; "
+                                     f"it needs at least {MIN_CLASSES}")
+    return out
+
+
 def _check_layouts(layouts: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(layouts, str):
         layouts = [part.strip() for part in layouts.split(",") if part.strip()]
@@ -1066,12 +1097,15 @@ def _check_layouts(layouts: Sequence[str] | str) -> tuple[str, ...]:
 
 def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_size: int = 64,
              num_val: int | None = None, num_test: int | None = None, refs_per_image: int = 3,
-             verbose: bool = False, layouts: Sequence[str] | str = LAYOUTS_ALL) -> dict[str, Path]:
+             verbose: bool = False, layouts: Sequence[str] | str = LAYOUTS_ALL,
+             classes: Sequence[str] | str | None = None) -> dict[str, Path]:
     """Write the synthetic RRSIS-D, RefSegRS, RefCOCO-family and tiny-BERT folders under ``out_dir``.
 
     ``num_images`` is the number of training images per dataset; validation and test default to
     a sixth and a quarter of it (RefCOCO: at least two test images, split into testA / testB).
-    ``layouts`` selects the datasets (default all three). Returns the written folders, e.g.
+    ``classes`` restricts every layout to those of its class names (e.g. a handful of classes for a
+    quick run; at least three per layout).  ``layouts`` selects the datasets (default all three).
+    Returns the written folders, e.g.
     ``{"rrsisd": ..., "refsegrs": ..., "refcoco": ..., "bert": ...}``.
     """
     if int(image_size) != image_size or image_size < 32:
@@ -1080,6 +1114,7 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
         raise SyntheticDataError(f"--refs_per_image must be a positive integer, got {refs_per_image!r}")
     layouts = _check_layouts(layouts)
     counts = _split_counts(num_images, num_val, num_test)
+    styles = _class_styles(layouts, classes)
     out = Path(out_dir)
     paths = {name: out / name for name in layouts}
     paths["bert"] = out / "bert"
@@ -1096,7 +1131,8 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
             shutil.rmtree(p)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": int(seed), "num_images": counts, "image_size": int(image_size),
-                "refs_per_image": int(refs_per_image), "layouts": list(layouts)}
+                "refs_per_image": int(refs_per_image), "layouts": list(layouts),
+                "classes": {name: list(styles[name]) for name in layouts}}
     (out / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
 
     # One stream per layout (spawned children do not depend on how many are spawned), so each
@@ -1104,7 +1140,7 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
     streams = dict(zip(LAYOUTS_ALL, np.random.SeedSequence(int(seed)).spawn(len(LAYOUTS_ALL))))
     writers = {"rrsisd": write_rrsisd, "refsegrs": write_refsegrs, "refcoco": write_refcoco}
     stats = {name: writers[name](paths[name], np.random.default_rng(streams[name]), counts, int(image_size),
-                                 int(refs_per_image)) for name in layouts}
+                                 int(refs_per_image), styles[name]) for name in layouts}
     vocab_size = write_bert(paths["bert"], _read_captions(paths))
     if verbose:
         for name, per_split in stats.items():
@@ -1138,11 +1174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--refs_per_image", type=int, default=3, help="refs (targets) per image")
     parser.add_argument("--layouts", default=",".join(LAYOUTS_ALL),
                         help=f"datasets to write, comma-separated (default {','.join(LAYOUTS_ALL)})")
+    parser.add_argument("--classes", default=None,
+                        help="draw only these classes, comma-separated (default: every class of each layout)")
     args = parser.parse_args(argv)
     try:
         generate(args.out, seed=args.seed, num_images=args.num_images, image_size=args.image_size,
                  num_val=args.num_val, num_test=args.num_test, refs_per_image=args.refs_per_image,
-                 verbose=True, layouts=args.layouts)
+                 verbose=True, layouts=args.layouts, classes=args.classes)
     except (SyntheticDataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,6 +120,29 @@ def test_bad_arguments_name_the_flag(tmp_path, kwargs, flag):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("classes, message", [
+    ("ship,pizza", "unknown class(es) 'pizza'"), ("ship,vehicle", "leaves 2 class(es) of the rrsisd layout"),
+])
+def test_bad_classes_name_the_flag(tmp_path, classes, message):
+    with pytest.raises(syn.SyntheticDataError, match=re.escape(message)):
+        syn.generate(tmp_path / "x", layouts="rrsisd", classes=classes)
+    assert not (tmp_path / "x").exists()
+
+
+def test_classes_restrict_the_drawn_objects(tmp_path):
+    chosen = ["ship", "vehicle", "storage tank", "windmill"]
+    root = syn.generate(tmp_path / "c", seed=1, image_size=SIZE, layouts="rrsisd", classes=",".join(chosen),
+                        **COUNTS)["rrsisd"]
+    inst = json.loads((root / "rrsisd" / "instances.json").read_text())
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    drawn = {names[a["category_id"]] for a in inst["annotations"]}
+    assert drawn == set(chosen)  # 19 scenes of 2-3 classes each: every chosen class appears
+    captions = [s["raw"] for r in _load_refs(root) for s in r["sentences"]]
+    assert all(any(c in text for c in chosen) for text in captions)
+    settings = json.loads((tmp_path / "c" / syn.MARKER).read_text())
+    assert settings["classes"] == {"rrsisd": chosen}
+
+
 def test_cli_prints_summary_and_paths(tmp_path, capsys):
     rc = syn.main(["--out", str(tmp_path / "cli"), "--num_images", "4", "--num_val", "1",
                    "--num_test", "2", "--image_size", "40", "--seed", "5"])
