@@ -172,6 +172,18 @@ def base_record(model: str, what: str, setting: str, opts: Options, image: int |
     }
 
 
+def child_env(threads: int | None = None) -> dict[str, str]:
+    """Environment of a measurement process: ``OMP_NUM_THREADS``; ``NLTK_DATA`` defaults to
+    ``../shared/nltk_data`` when present (FIANet's word masks in fit / eval / data)."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    shared_nltk = ROOT.parent / "shared" / "nltk_data"
+    if not env.get("NLTK_DATA") and shared_nltk.is_dir():
+        env["NLTK_DATA"] = str(shared_nltk)
+    return env
+
+
 def append_results(path: Path, records: Sequence[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:

@@ -14,7 +14,6 @@ present). The ``tiny`` setting writes 1/100 of the refs.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, BenchError, Options, base_record
+from _common import ROOT, BenchError, Options, base_record, child_env
 
 SPLITS = {"train": 12181, "val": 1740, "test": 3481}
 SCALE = {"paper": 1, "tiny": 100}  # the tiny setting writes 1/100 of the refs
@@ -136,15 +135,6 @@ def construct(root: str, tokenizer: str, cache: str, variant: str = "masks") -> 
     result["transformers_imported"] = "transformers" in sys.modules
     result["nltk_imported"] = "nltk" in sys.modules
     return result
-
-
-def child_env() -> dict[str, str]:
-    """The environment of a construction process: ``NLTK_DATA`` defaults to ``../shared/nltk_data``."""
-    env = dict(os.environ)
-    shared_nltk = ROOT.parent / "shared" / "nltk_data"
-    if not env.get("NLTK_DATA") and shared_nltk.is_dir():
-        env["NLTK_DATA"] = str(shared_nltk)
-    return env
 
 
 def run_fresh(root: Path, tokenizer: Path, cache: Path, variant: str) -> dict:

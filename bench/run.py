@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from _common import RESULTS, ROOT, SETTINGS, BenchError, Options, append_results, ensure_importable  # noqa: E402
+from _common import RESULTS, ROOT, SETTINGS, BenchError, Options, append_results, child_env, ensure_importable  # noqa: E402
 
 ensure_importable()
 
@@ -141,14 +140,6 @@ def run_child(args: argparse.Namespace) -> int:
     for rec in records:
         print(json.dumps(rec), flush=True)
     return 0
-
-
-def child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    shared_nltk = ROOT.parent / "shared" / "nltk_data"  # FIANet's word masks (fit / eval / data)
-    if not env.get("NLTK_DATA") and shared_nltk.is_dir():
-        env["NLTK_DATA"] = str(shared_nltk)
-    return env
 
 
 def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
