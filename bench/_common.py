@@ -73,6 +73,13 @@ def setting_config(model: str, setting: str, opts: Options) -> tuple[dict[str, A
     return cfg, size, tokens
 
 
+def check_model_options(model, opts: Options) -> None:
+    """Refuse a switch the built model would silently ignore."""
+    if opts.channels_last != "auto" and not hasattr(model, "set_channels_last"):
+        raise BenchError(f"--channels-last {opts.channels_last}: {type(model).__name__} has no decoder layout switch "
+                         f"(only 'auto' applies to it)")
+
+
 # --------------------------------------------------------------------------------------------
 # Machine, timing, memory
 # --------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (BenchError, Options, base_record, count_flops, peak_memory, prepare_torch, setting_config,
-                     summarise, synchronizer, utilisation)
+from _common import (BenchError, Options, base_record, check_model_options, count_flops, peak_memory, prepare_torch,
+                     setting_config, summarise, synchronizer, utilisation)
 from _model import children_params
 
 SOURCE_SIZE = {"paper": 256, "tiny": 64}  # pixels of the generated scenes (resized to the setting's size)
@@ -82,6 +82,7 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
             cfg["bert"] = dict(cfg["bert"], vocab_size=vocab)
         torch.manual_seed(0)
         model = build_model(cfg).to(device)
+        check_model_options(model, opts)
         word_masks = engine.uses_word_masks(model)
         rec = base_record(model_name, what, setting, opts, size, tokens)
         # fit: the model's own loss and train.py's AdamW (fused on CUDA only); eval: no loss.

@@ -21,8 +21,8 @@ import inspect
 import time
 from typing import Any
 
-from _common import (Options, autocast, base_record, count_flops, peak_memory, prepare_torch, setting_config,
-                     summarise, synchronizer, utilisation)
+from _common import (Options, autocast, base_record, check_model_options, count_flops, peak_memory, prepare_torch,
+                     setting_config, summarise, synchronizer, utilisation)
 
 ORIGINAL_CPU = {"fianet": {"forward": 4.5, "train": 15.2}}  # seconds, fixtures/README.md (batch 2, 2 threads)
 
@@ -56,6 +56,7 @@ def build(model_name: str, setting: str, opts: Options, device):
     cfg, size, tokens = setting_config(model_name, setting, opts)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
+    check_model_options(model, opts)
     inputs, target = make_inputs(cfg, opts.batch, size, tokens, device)
     if not getattr(model, "uses_word_masks", False):
         inputs = inputs[:3]
