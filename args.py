@@ -44,6 +44,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swin_depths", default=None, help="override Swin depths, e.g. 2-2-2-2")
     g.add_argument("--swin_heads", default=None, help="override Swin heads per stage, e.g. 1-2-4-8")
     g.add_argument("--window_size", default=None, type=int, help="explicit Swin window size (overrides --window12)")
+    g.add_argument("--drop_path_rate", default=None, type=float,
+                   help="Swin stochastic depth rate (default: the reference 0.3; small models learn faster with 0)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing in the Swin stages")
     g.add_argument("--compile", action="store_true",
                    help="train.py: torch.compile the (DDP-wrapped) model; validation runs the plain model")

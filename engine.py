@@ -28,10 +28,16 @@ class UserError(Exception):
 # Models
 # --------------------------------------------------------------------------------------------
 def swin_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Tiny-model overrides from --swin_embed_dim / --swin_depths / --swin_heads."""
+    """Overrides of the Swin table from --swin_embed_dim / --swin_depths / --swin_heads (small
+    models) and --drop_path_rate."""
     out: dict[str, Any] = {}
     if getattr(args, "swin_embed_dim", None):
         out["embed_dim"] = int(args.swin_embed_dim)
+    rate = getattr(args, "drop_path_rate", None)
+    if rate is not None:
+        if not 0.0 <= rate < 1.0:
+            raise UserError(f"--drop_path_rate must be in [0, 1), got {rate}")
+        out["drop_path_rate"] = float(rate)
     depths = parse_int_list(getattr(args, "swin_depths", None), "--swin_depths")
     heads = parse_int_list(getattr(args, "swin_heads", None), "--swin_heads")
     if depths:

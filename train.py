@@ -287,8 +287,14 @@ def train(args) -> int:
             record["best_oIoU"] = best
             record["elapsed_s"] = round(time.time() - started, 1)
             epoch_log.write(record)
-        utils.barrier()
-        if args.time_limit is not None and time.time() - started > args.time_limit * 60:
+        last_epoch = epoch == args.epochs - 1
+        out_of_time = (not last_epoch and args.time_limit is not None
+                       and time.time() - started > args.time_limit * 60)
+        if info.distributed:  # all ranks must leave the loop together: rank 0's clock decides
+            flag = torch.tensor([float(out_of_time)], device=device)
+            torch.distributed.broadcast(flag, src=0)
+            out_of_time = bool(flag.item())
+        if out_of_time:
             if info.is_main:
                 print(f"[train] --time_limit {args.time_limit} min reached after epoch {epoch}; "
                       f"resume with --resume {out_dir / 'checkpoint_last.pth'}")
