@@ -182,7 +182,8 @@ def test_interrupted_save_keeps_the_previous_checkpoint(trained, monkeypatch, tm
     assert not [p for p in tmp_path.iterdir() if p.name != "checkpoint_last.pth"], "temporary file left behind"
 
 
-@pytest.mark.parametrize("case", ["missing", "other_model", "num_tmem", "unknown_model", "empty_split"])
+@pytest.mark.parametrize("case", ["missing", "other_model", "num_tmem", "unknown_model", "empty_split",
+                                  "drop_path_rate"])
 def test_bad_inputs_give_one_clear_line(case, trained, synth, tmp_path):
     ck = str(trained / "checkpoint_best.pth")
     base = [*data_args(synth), *TINY, "--split", "test", "--output-dir", str(tmp_path)]
@@ -202,6 +203,9 @@ def test_bad_inputs_give_one_clear_line(case, trained, synth, tmp_path):
     elif case == "unknown_model":
         proc = run("train.py", "--model", "nosuchnet", *base, check=False)
         expect = "nosuchnet"
+    elif case == "drop_path_rate":
+        proc = run("train.py", "--model", "fianet", "--drop_path_rate", "1.5", *base, check=False)
+        expect = "--drop_path_rate"
     else:
         proc = run("test.py", "--resume", ck, *base[:-4], "--split", "testB", "--output-dir", str(tmp_path),
                    check=False)
@@ -258,3 +262,14 @@ def test_other_models_train_and_test_end_to_end(model, dataset, synth, tmp_path)
         "--save_json", str(res), "--output-dir", str(tmp_path), env=env)
     summary = json.loads(res.read_text())
     assert summary["num_samples"] > 0 and 0.0 <= summary["mIoU"] <= 1.0
+
+
+def test_drop_path_rate_flag_reaches_the_swin_config():
+    import argparse
+
+    import engine
+
+    args = argparse.Namespace(swin_embed_dim=None, swin_depths=None, swin_heads=None, drop_path_rate=0.0)
+    assert engine.swin_overrides(args) == {"drop_path_rate": 0.0}
+    args.drop_path_rate = None  # not given: the reference rate stays
+    assert not engine.swin_overrides(args)
