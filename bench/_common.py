@@ -46,6 +46,7 @@ class Options:
     channels_last: str = "auto"  # decoder layout: auto (CUDA only), on, off
     loss: str = "ce"             # train: ce (plain cross-entropy, the original's protocol) or model
     adamw: str = "fused"         # train: "fused" AdamW or PyTorch's "default" choice (for-loop on CPU)
+    compile: bool = False        # forward / train: torch.compile (inductor) the model; compiling = warm-up
 
     @property
     def fast_paths(self) -> bool:
@@ -173,7 +174,7 @@ def base_record(model: str, what: str, setting: str, opts: Options, image: int |
         "bench": "run", "model": model, "what": what, "setting": setting, "device": opts.device, "amp": opts.amp,
         "batch": opts.batch, "threads": opts.threads, "image": image, "tokens": tokens,
         "fused_attn": opts.fast_paths, "reference_ops": opts.reference_ops, "grad_ckpt": opts.grad_ckpt,
-        "channels_last": opts.channels_last, "loss": opts.loss, "adamw": opts.adamw,
+        "channels_last": opts.channels_last, "loss": opts.loss, "adamw": opts.adamw, "compile": opts.compile,
         "torch": torch.__version__, "python": platform.python_version(), "machine": machine(opts.device),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

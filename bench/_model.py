@@ -63,12 +63,14 @@ def build(model_name: str, setting: str, opts: Options, device):
     return model, cfg, size, tokens, inputs, target
 
 
-def training_step_fn(model_name: str, model, inputs, target, opts: Options, device):
-    """``(step(), zero_grad())``: one full training step as the module docstring describes."""
+def training_step_fn(model_name: str, model, inputs, target, opts: Options, device, net=None):
+    """``(step(), forward_backward(), zero_grad())``: one full training step as the module
+    docstring describes; ``net`` (default ``model``) runs the forward, e.g. a compiled ``model``."""
     import torch
     import torch.nn.functional as F
 
     amp = autocast(device, opts.amp)
+    net = model if net is None else net
     if opts.loss == "model":
         import train as train_lib
         from lib.losses import build_criterion
@@ -85,9 +87,9 @@ def training_step_fn(model_name: str, model, inputs, target, opts: Options, devi
     def forward_backward():
         with amp:
             if with_target:
-                logits, aux = model(*inputs, target=target)
+                logits, aux = net(*inputs, target=target)
             else:
-                logits, aux = model(*inputs), None
+                logits, aux = net(*inputs), None
         loss = criterion(logits.float(), target)
         if aux is not None:
             loss = loss + aux.float()
@@ -113,9 +115,12 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
     rec["params"] = sum(p.numel() for p in model.parameters())
     rec["params_by_child"] = children_params(model)
 
-    def forward():
+    # FLOPs are always counted on the eager model (the counter sees aten ops, not compiled kernels).
+    net = torch.compile(model) if opts.compile and what != "flops" else model
+
+    def forward(m=net):
         with torch.no_grad(), autocast(device, opts.amp):
-            model(*inputs)
+            m(*inputs)
 
     if what == "flops":
         model.eval()
@@ -131,7 +136,7 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
         run = forward
     else:
         model.train()
-        run, forward_backward, zero_grad = training_step_fn(model_name, model, inputs, target, opts, device)
+        run, forward_backward, zero_grad = training_step_fn(model_name, model, inputs, target, opts, device, net)
     for _ in range(passes):
         sync()
         t0 = time.perf_counter()
@@ -144,9 +149,10 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
     rec.update(peak_memory(device))
     if flops:  # counted after the timing (and the memory peak), on the same batch
         if what == "forward":
-            per_image = count_flops(forward) / opts.batch
+            per_image = count_flops(lambda: forward(model)) / opts.batch
         else:
-            per_image = count_flops(forward_backward) / opts.batch
+            eager_fb = training_step_fn(model_name, model, inputs, target, opts, device)[1]
+            per_image = count_flops(eager_fb) / opts.batch
             zero_grad()
         rec["flops_per_image"] = per_image
         rec["peak_tflops"] = peak_tflops

@@ -26,6 +26,8 @@ def options_label(rec: dict[str, Any]) -> str:
         out.append("plain-attention")
     if rec.get("grad_ckpt"):
         out.append("grad-ckpt")
+    if rec.get("compile"):
+        out.append("compile")
     if rec.get("channels_last", "auto") != "auto":
         out.append(f"channels-last={rec['channels_last']}")
     if rec.get("what") == "train":  # fit always uses the model's loss and train.py's optimiser

@@ -49,7 +49,7 @@ DEFAULT_TEXT = {"fianet": "masks"}  # --what data without --text: the text a mod
 # Flags that do not change what is measured: left out of the reproducing command.
 NOT_IN_COMMAND = {"model", "what", "setting", "results", "no_save", "child", "construct", "report"}
 # Flags that only matter to some measurements.
-ONLY_FOR = {"loss": ("train",), "adamw": ("train",), "workers": ("fit", "eval"), "text": ("data",),
+ONLY_FOR = {"loss": ("train",), "adamw": ("train",), "compile": ("forward", "train"), "workers": ("fit", "eval"), "text": ("data",),
             "repeats": ("data",), "passes": ("forward", "train", "fit", "eval"), "warmup": ("forward", "train", "fit", "eval"),
             "flops": ("forward", "train", "fit", "eval"), "peak_tflops": ("forward", "train", "fit", "eval")}
 
@@ -76,6 +76,9 @@ def get_parser() -> argparse.ArgumentParser:
                    "op order (no fast paths), three separate BERT passes, PyTorch's default AdamW")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="decoder layout (auto: channels-last on CUDA only)")
+    p.add_argument("--compile", action="store_true",
+                   help="forward / train: torch.compile the model (inductor); the first pass compiles and is "
+                        "the warm-up")
     p.add_argument("--workers", type=int, default=0, help="fit/eval: DataLoader workers (0: loading in the loop)")
     p.add_argument("--text", default=None, help="data: text variants masks,ids,builtin (default: the model's)")
     p.add_argument("--repeats", type=int, default=3, help="data: cached starts to time")
@@ -95,7 +98,7 @@ def get_parser() -> argparse.ArgumentParser:
 def options(args: argparse.Namespace) -> Options:
     return Options(device=args.device, amp=args.amp, batch=args.batch, threads=args.threads,
                    plain_attention=args.plain_attention, reference_ops=args.reference_ops, grad_ckpt=args.grad_ckpt,
-                   channels_last=args.channels_last, loss=args.loss, adamw=args.adamw)
+                   channels_last=args.channels_last, loss=args.loss, adamw=args.adamw, compile=args.compile)
 
 
 def command_for(args: argparse.Namespace, model: str, what: str) -> str:
@@ -152,6 +155,8 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
         passes = args.passes or DEFAULT_PASSES.get(what, 1)
         if what in ONLY_FOR["passes"] and (args.warmup < 0 or passes <= args.warmup):
             raise BenchError(f"--passes {passes} leaves no timed pass after --warmup {args.warmup} ({what})")
+    if args.compile and set(whats) - set(ONLY_FOR["compile"]):
+        raise BenchError(f"--compile applies to --what forward,train only, got --what {args.what}")
     if args.batch < 1 or args.threads < 1:
         raise BenchError(f"--batch and --threads must be positive, got {args.batch} and {args.threads}")
     from lib.registry import available_models
