@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -178,10 +179,33 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def uses_word_masks(model: nn.Module) -> bool:
+def training_loss(net: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor, criterion: Callable,
+                  aux_from_target: bool, device: torch.device, amp: str) -> torch.Tensor:
+    """One training forward under ``--amp`` autocast and its loss in float32:
+    ``criterion(logits, target)``, plus the model's auxiliary loss when its forward takes the
+    target (``aux_from_target``; e.g. CrossVLT's alignment loss needs the ground truth)."""
+    with autocast(device, amp):
+        if aux_from_target:
+            logits, aux = net(**inputs, target=target)
+        else:
+            logits, aux = net(**inputs), None
+    loss = criterion(logits.float(), target)
+    return loss if aux is None else loss + aux.float()
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a DDP and / or torch.compile wrapper."""
     inner = getattr(model, "module", model)
-    inner = getattr(inner, "_orig_mod", inner)
-    return bool(getattr(inner, "uses_word_masks", False))
+    return getattr(inner, "_orig_mod", inner)
+
+
+def uses_word_masks(model: nn.Module) -> bool:
+    return bool(getattr(_unwrapped(model), "uses_word_masks", False))
+
+
+def forward_takes_target(model: nn.Module) -> bool:
+    """Whether the model's training forward takes the target (``training_loss``'s ``aux_from_target``)."""
+    return "target" in inspect.signature(_unwrapped(model).forward).parameters
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device, word_masks: bool) -> dict[str, torch.Tensor]:

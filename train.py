@@ -12,7 +12,6 @@ atomically with the optimiser, scheduler, scaler and RNG states, so ``--resume``
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -207,7 +206,7 @@ def train(args) -> int:
         writer = SummaryWriter(log_dir=args.log_dir or str(out_dir / "tb"))
     epoch_log = utils.JsonlLogger(out_dir / "log.jsonl") if info.is_main else None
     word_masks = engine.uses_word_masks(model)
-    aux_from_target = "target" in inspect.signature(model.forward).parameters
+    aux_from_target = engine.forward_takes_target(model)
     started = time.time()
 
     for epoch in range(start_epoch, args.epochs):
@@ -221,14 +220,7 @@ def train(args) -> int:
                 break
             inputs = engine.model_inputs(batch, device, word_masks)
             target = batch["target"].to(device, non_blocking=True)
-            with engine.autocast(device, args.amp):
-                if aux_from_target:  # e.g. CrossVLT's alignment loss needs the ground truth
-                    logits, aux_loss = net(**inputs, target=target)
-                else:
-                    logits, aux_loss = net(**inputs), None
-            loss = criterion(logits.float(), target)
-            if aux_loss is not None:
-                loss = loss + aux_loss.float()
+            loss = engine.training_loss(net, inputs, target, criterion, aux_from_target, device, args.amp)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

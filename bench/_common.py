@@ -144,12 +144,6 @@ def prepare_torch(opts: Options):
     return device
 
 
-def autocast(device, amp: str):
-    import torch
-
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
-
-
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of ``fn()`` by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and
     attention; element-wise ops are not counted)."""

@@ -20,7 +20,6 @@ The first ``--warmup`` iterations are warm-up; images/s = batch / median iterati
 """
 from __future__ import annotations
 
-import inspect
 import math
 import shutil
 import tempfile
@@ -99,20 +98,13 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
                                           weight_decay=args.weight_decay, fused=device.type == "cuda")
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_lib.poly_schedule(passes))
             criterion = losses.build_criterion(model_name)
-            with_target = "target" in inspect.signature(model.forward).parameters
+            with_target = engine.forward_takes_target(model)
             loader = torch.utils.data.DataLoader(ds, batch_size=opts.batch, shuffle=True, num_workers=workers,
                                                  pin_memory=device.type == "cuda", drop_last=True,
                                                  generator=torch.Generator().manual_seed(0))
 
             def forward_backward(inputs, target):
-                with engine.autocast(device, opts.amp):
-                    if with_target:
-                        logits, aux = model(**inputs, target=target)
-                    else:
-                        logits, aux = model(**inputs), None
-                loss = criterion(logits.float(), target)
-                if aux is not None:
-                    loss = loss + aux.float()
+                loss = engine.training_loss(model, inputs, target, criterion, with_target, device, opts.amp)
                 loss.backward()
                 return loss
 

@@ -17,18 +17,20 @@ for FIANet, PyTorch's default AdamW): a same-machine stand-in for the original c
 """
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any
 
-from _common import (Options, autocast, base_record, check_model_options, count_flops, peak_memory, prepare_torch,
+from _common import (Options, base_record, check_model_options, count_flops, peak_memory, prepare_torch,
                      setting_config, summarise, synchronizer, utilisation)
 
 ORIGINAL_CPU = {"fianet": {"forward": 4.5, "train": 15.2}}  # seconds, fixtures/README.md (batch 2, 2 threads)
 
 
-def make_inputs(cfg: dict, batch: int, size: int, tokens: int, device) -> tuple[list, Any]:
-    """``([image, ids, l_mask, t_mask, p_mask], target)`` drawn after ``torch.manual_seed(0)``."""
+INPUT_KEYS = ("image", "text", "l_mask", "t_mask", "p_mask")  # a model forward's keywords (engine.model_inputs)
+
+
+def make_inputs(cfg: dict, batch: int, size: int, tokens: int, device) -> tuple[dict, Any]:
+    """``({image, text, l_mask, t_mask, p_mask}, target)`` drawn after ``torch.manual_seed(0)``."""
     import torch
 
     torch.manual_seed(0)
@@ -41,7 +43,8 @@ def make_inputs(cfg: dict, batch: int, size: int, tokens: int, device) -> tuple[
     p_mask[:, 3:7] = 1
     image = torch.randn(batch, 3, size, size)
     target = torch.randint(0, 2, (batch, size, size))
-    return [t.to(device) for t in (image, ids, l_mask, t_mask, p_mask)], target.to(device)
+    tensors = (image, ids, l_mask, t_mask, p_mask)
+    return {k: t.to(device) for k, t in zip(INPUT_KEYS, tensors)}, target.to(device)
 
 
 def children_params(model) -> dict[str, int]:
@@ -59,7 +62,7 @@ def build(model_name: str, setting: str, opts: Options, device):
     check_model_options(model, opts)
     inputs, target = make_inputs(cfg, opts.batch, size, tokens, device)
     if not getattr(model, "uses_word_masks", False):
-        inputs = inputs[:3]
+        inputs = {k: inputs[k] for k in INPUT_KEYS[:3]}
     return model, cfg, size, tokens, inputs, target
 
 
@@ -69,7 +72,8 @@ def training_step_fn(model_name: str, model, inputs, target, opts: Options, devi
     import torch
     import torch.nn.functional as F
 
-    amp = autocast(device, opts.amp)
+    import engine
+
     net = model if net is None else net
     if opts.loss == "model":
         import train as train_lib
@@ -78,22 +82,14 @@ def training_step_fn(model_name: str, model, inputs, target, opts: Options, devi
         train_lib.freeze_untrained_parameters(model, bert_pretrained=False)
         params = train_lib.parameter_groups(model, 1e-2)
         criterion = build_criterion(model_name)
-        with_target = "target" in inspect.signature(model.forward).parameters
+        with_target = engine.forward_takes_target(model)
     else:
         params = list(model.parameters())
         criterion, with_target = F.cross_entropy, False
     opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-2, fused=opts.adamw == "fused" and not opts.reference_ops)
 
     def forward_backward():
-        with amp:
-            if with_target:
-                logits, aux = net(*inputs, target=target)
-            else:
-                logits, aux = net(*inputs), None
-        loss = criterion(logits.float(), target)
-        if aux is not None:
-            loss = loss + aux.float()
-        loss.backward()
+        engine.training_loss(net, inputs, target, criterion, with_target, device, opts.amp).backward()
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -108,6 +104,8 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
     """One ``forward`` / ``train`` / ``flops`` measurement in this process."""
     import torch
 
+    import engine
+
     device = prepare_torch(opts)
     model, cfg, size, tokens, inputs, target = build(model_name, setting, opts, device)
     sync = synchronizer(device)
@@ -119,8 +117,8 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
     net = torch.compile(model) if opts.compile and what != "flops" else model
 
     def forward(m=net):
-        with torch.no_grad(), autocast(device, opts.amp):
-            m(*inputs)
+        with torch.no_grad(), engine.autocast(device, opts.amp):
+            m(**inputs)
 
     if what == "flops":
         model.eval()
