@@ -49,8 +49,8 @@ COMMON=(--dataset rrsisd --refer_data_root "$DATA/rrsisd" --bert_tokenizer "$DAT
 MODEL=(--model fianet --num_tmem 1 --swin_embed_dim 32 --swin_depths 2-2-2-2 --swin_heads 1-2-4-8 --window_size 4
        --drop_path_rate 0)
 
-# 4 epochs x 375 steps of batch 16 (about 7 minutes on 2 CPU cores, validation included); --time_limit stops a slower
-# machine after $MINUTES minutes with the best checkpoint so far.
+# 4 epochs x 375 steps of batch 16 (about 7 minutes on 2 CPU cores, validation included);
+# --time_limit stops a slower machine after $MINUTES minutes with the best checkpoint so far.
 echo "[quickstart] 3/5 training a small FIANet for about 7 minutes"
 python train.py "${MODEL[@]}" "${COMMON[@]}" --epochs 4 --lr 1e-3 -b 16 --val_split val \
   --time_limit "$MINUTES" --print-freq 25 --output-dir "$OUT/train"
