@@ -282,26 +282,38 @@ class MultiModalStage(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
 
     def fuse(self, x: torch.Tensor, H: int, W: int, text: dict[str, torch.Tensor], feats: Any, prefix: str):
-        """Return ``(stage_output (B, L, C), updated_trunk (B, L, C) or None)``.
+        """Return ``(stage_output (B, L, C), updated_trunk (B, L, C) or None)``, or a third element:
+        the updated language state (a dict like ``text``) that later stages and the decoder see
+        (bidirectional fusion).
 
         ``updated_trunk`` may be None in the last stage (no PatchMerging): the reference computes
         and discards it, we skip it unless features are being captured.
         """
         raise NotImplementedError
 
+    def after_merge(self, x: torch.Tensor, H: int, W: int, text: dict[str, torch.Tensor], feats: Any,
+                    prefix: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Hook after PatchMerging (stages 0-2) on the merged tokens (B, H*W, 2C) at the next
+        stage's grid ``H, W``: returns ``(tokens, text)``. Default: unchanged."""
+        return x, text
+
     def forward(self, x: torch.Tensor, H: int, W: int, text: dict[str, torch.Tensor], feats: Any = None, prefix: str = ""):
         x = run_swin_blocks(self.blocks, x, H, W, self.grad_ckpt and self.training)
         if feats is not None:
             feats[prefix + "blocks_last"] = x
-        out, x = self.fuse(x, H, W, text, feats, prefix)
+        fused = self.fuse(x, H, W, text, feats, prefix)
+        out, x = fused[0], fused[1]
+        if len(fused) > 2:
+            text = fused[2]
         if self.downsample is not None:
             x = self.downsample(x, H, W)
             hn, wn = (H + 1) // 2, (W + 1) // 2
+            x, text = self.after_merge(x, hn, wn, text, feats, prefix)
         else:
             hn, wn = H, W
         if feats is not None and x is not None:
             feats[prefix + "x_next"] = x
-        return out, H, W, x, hn, wn
+        return out, H, W, x, hn, wn, text
 
 
 class MultiModalSwin(nn.Module):
@@ -358,6 +370,11 @@ class MultiModalSwin(nn.Module):
 
     def forward_stages(self, image: torch.Tensor, text: dict[str, torch.Tensor], feats: Any = None) -> list[torch.Tensor]:
         """Patch embedding + stages + stage norms -> list of (B, C_i, H_i, W_i) maps."""
+        return self.forward_with_text(image, text, feats)[0]
+
+    def forward_with_text(self, image: torch.Tensor, text: dict[str, torch.Tensor],
+                          feats: Any = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """`forward_stages` and the language state after the last stage (stages may update it)."""
         x = self.patch_embed(image)
         if feats is not None:
             feats["backbone.patch_embed"] = x
@@ -366,12 +383,12 @@ class MultiModalSwin(nn.Module):
         outs = []
         for i, layer in enumerate(self.layers):
             prefix = f"backbone.layers.{i}."
-            out, h, w, x, H, W = layer(x, H, W, text, feats, prefix)
+            out, h, w, x, H, W, text = layer(x, H, W, text, feats, prefix)
             if feats is not None:
                 feats[prefix + "x_residual"] = out
             y = getattr(self, f"norm{i}")(out)
             outs.append(y.view(-1, h, w, self.num_features[i]).permute(0, 3, 1, 2).contiguous())
-        return outs
+        return outs, text
 
     def forward(self, image: torch.Tensor, text: dict[str, torch.Tensor], feats: Any = None) -> list[torch.Tensor]:
         outs = self.forward_stages(image, text, feats)
