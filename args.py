@@ -4,26 +4,13 @@ The original repositories' flag names and meanings are kept (LAVT / RMSIN / FIAN
 their README commands run unchanged apart from the launcher (``torchrun`` instead of
 ``python -m torch.distributed.launch``; ``--local_rank`` / ``--local-rank`` are accepted and
 ignored). Flags whose reference default depends on the model or dataset (lr, epochs, batch size,
-``--num_tmem``, the token limit) default to ``None`` here and are filled in by ``resolve`` from
-``RECIPES``: the settings of the original READMEs.
+weight decay, seed, ``--num_tmem``, the token limit) default to ``None`` here and are filled in by
+``resolve`` from the model's reference recipe (``ModelSpec.recipes``, declared in the model's file).
 """
 from __future__ import annotations
 
 import argparse
 from typing import Any
-
-# Reference training recipes (data-train-eval.md §c.1; RMSIN/FIANet/LAVT READMEs).
-# Keys: (model, dataset) with dataset "*" as the fallback.
-RECIPES: dict[tuple[str, str], dict[str, Any]] = {
-    ("lavt", "*"): {"lr": 5e-5, "epochs": 40, "batch_size": 8, "max_tokens": 20},
-    ("lavt_one", "*"): {"lr": 5e-5, "epochs": 40, "batch_size": 8, "max_tokens": 20},
-    ("rmsin", "*"): {"lr": 3e-5, "epochs": 40, "batch_size": 2, "max_tokens": 20},
-    # CrossVLT: 2 GPUs x 6 per GPU, 21 tokens (crossvlt.md §8)
-    ("crossvlt", "*"): {"lr": 3e-5, "epochs": 40, "batch_size": 6, "max_tokens": 21},
-    ("fianet", "rrsisd"): {"lr": 3e-5, "epochs": 40, "batch_size": 8, "num_tmem": 3, "max_tokens": 22},
-    ("fianet", "*"): {"lr": 5e-5, "epochs": 60, "batch_size": 8, "num_tmem": 1, "max_tokens": 20},
-}
-FALLBACK_RECIPE: dict[str, Any] = {"lr": 5e-5, "epochs": 40, "batch_size": 8, "num_tmem": 1, "max_tokens": 20}
 
 DATASETS = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog")
 
@@ -31,15 +18,17 @@ DATASETS = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog")
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="model name (lavt, lavt_one, fianet, ...); default: taken from --model_id when it names "
-                        "a model (FIANet, RMSIN), else from the checkpoint (test/demo), else fianet")
-    g.add_argument("--model_id", default="FIANet", help="name tag of the checkpoint files")
+                   help="model name (lavt, lavt_one, fianet, rmsin, crossvlt, ...); test/demo: default from the "
+                        "checkpoint; train: fianet")
+    g.add_argument("--model_id", default="FIANet",
+                   help="name tag of a run, kept for the originals' commands (it never chooses the model)")
     g.add_argument("--swin_type", default="base", choices=["tiny", "small", "base", "large"])
     g.add_argument("--window12", action="store_true", help="use window size 12 (needed at test time)")
     g.add_argument("--mha", default="", help="PWAM heads per stage 'a-b-c-d' (empty: 1-1-1-1)")
     g.add_argument("--fusion_drop", default=0.0, type=float, help="dropout in the language fusion modules")
     g.add_argument("--num_tmem", default=None, type=int, help="FIANet TMEM blocks (reference: 1 RefSegRS, 3 RRSIS-D)")
-    g.add_argument("--img_size", default=480, type=int, help="square input size")
+    g.add_argument("--img_size", default=None, type=int,
+                   help="square input size (default: the model's, e.g. 480; test.py: the checkpoint's)")
     g.add_argument("--swin_embed_dim", default=None, type=int, help="override the Swin width (small test models)")
     g.add_argument("--swin_depths", default=None, help="override Swin depths, e.g. 2-2-2-2")
     g.add_argument("--swin_heads", default=None, help="override Swin heads per stage, e.g. 1-2-4-8")
@@ -60,8 +49,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="local BERT folder (config.json, optional weights)")
     g.add_argument("--pretrained_swin_weights", default="",
                    help="official Swin checkpoint (its file name decides window 12, as in the original)")
-    g.add_argument("--ddp_trained_weights", action="store_true",
-                   help="lavt variant: the BERT weights were saved without the pooler")
     g.add_argument("--resume", default="", help="checkpoint to resume (train) or evaluate (test)")
     g.add_argument("--non_strict", action="store_true",
                    help="allow a partial checkpoint load (the missing/unexpected keys are printed)")
@@ -83,7 +70,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
     g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision")
-    g.add_argument("--seed", default=2401, type=int, help="random seed (the references use 2401)")
+    g.add_argument("--seed", default=None, type=int, help="random seed (default: the model's reference seed, e.g. 2401)")
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default="./checkpoints/",
                    help="checkpoints, logs and args.json")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <output-dir>/tb)")
@@ -101,7 +88,8 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", default=None, type=int, help="epochs (reference recipe per model/dataset)")
     g.add_argument("--lr", default=None, type=float, help="learning rate (reference recipe per model/dataset)")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-2, type=float, help="weight decay")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", default=None, type=float,
+                   help="weight decay (reference recipe per model/dataset: 1e-2)")
     g.add_argument("--amsgrad", action="store_true", help="AdamW amsgrad")
     g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=None, type=int,
                    help="batch size per process (reference recipe per model)")
@@ -143,31 +131,29 @@ def get_demo_parser() -> argparse.ArgumentParser:
 
 
 def resolve_model_name(args: argparse.Namespace, available: list[str]) -> str | None:
-    """--model, else --model_id when it names a registered model (RMSIN, FIANet), else None."""
+    """The ``--model`` flag, checked against the registry (None when not given)."""
     if args.model:
         if args.model not in available:
             raise ValueError(f"--model {args.model!r} is not a registered model; choose one of {', '.join(available)}")
         return args.model
-    mid = (getattr(args, "model_id", "") or "").lower()
-    return mid if mid in available else None
+    return None
 
 
-def recipe(model: str, dataset: str) -> dict[str, Any]:
-    return dict(RECIPES.get((model, dataset)) or RECIPES.get((model, "*")) or FALLBACK_RECIPE)
-
-
-def resolve(args: argparse.Namespace, model: str) -> argparse.Namespace:
-    """Fill flags left at ``None`` from the model/dataset recipe; validate the rest."""
+def resolve(args: argparse.Namespace, model: str, recipe_flags: dict[str, Any]) -> argparse.Namespace:
+    """Fill flags left at ``None`` from the model's reference recipe for ``--dataset``
+    (``recipe_flags``: `Recipe.as_flags`); validate the rest."""
     if args.dataset not in DATASETS:
         raise ValueError(f"--dataset {args.dataset!r} is not supported; choose one of {', '.join(DATASETS)}")
     args.model = model
-    for key, value in recipe(model, args.dataset).items():
+    for key, value in recipe_flags.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if getattr(args, "num_tmem", None) is None:
         args.num_tmem = 1
     if getattr(args, "num_tmem", 1) < 1:
         raise ValueError(f"--num_tmem must be >= 1, got {args.num_tmem}")
+    if getattr(args, "seed", None) is None:
+        args.seed = 2401
     if args.mha:
         parts = args.mha.split("-")
         if len(parts) != 4 or not all(x.isdigit() and int(x) > 0 for x in parts):

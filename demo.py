@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 import args as args_lib
@@ -58,6 +57,10 @@ def encode_sentences(sentences: list[str], tokenizer_dir: str, max_tokens: int, 
 
 
 def run(args) -> int:
+    texts_in = [t.strip() for t in args.text]
+    empty = [i for i, t in enumerate(texts_in) if not t]
+    if empty:
+        raise UserError(f"--text number {empty[0] + 1} is empty: give the sentence that names the object")
     device = utils.resolve_device(args.device)
     ckpt = engine.read_checkpoint(args.resume)
     saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
@@ -67,25 +70,25 @@ def run(args) -> int:
         if not args.model:
             raise UserError(f"--resume {args.resume} is an original checkpoint: pass --model and its flags")
         full = args_lib.get_parser().parse_args([])
-        for k in ("model", "num_tmem", "window12", "swin_type"):
+        for k in ("model", "num_tmem", "window12", "swin_type", "img_size"):
             setattr(full, k, getattr(args, k))
         full.dataset = args.dataset or "rrsisd"
-        full.img_size = args.img_size or 480
         full.ck_bert = args.ck_bert or full.ck_bert
-        args_lib.resolve(full, args.model)
+        engine.resolve_args(full, args.model)
         saved = vars(full)
         model = engine.model_from_checkpoint(ckpt, args.resume, full)
     else:
         model = engine.model_from_checkpoint(ckpt, args.resume, None)
     del ckpt
     model.to(device).eval()
+    spec = engine.spec_of(model)
 
     tokenizer_dir = args.bert_tokenizer or saved.get("bert_tokenizer")
     if not tokenizer_dir:
         raise UserError("--bert_tokenizer: not stored in the checkpoint; pass the tokenizer folder")
     dataset = args.dataset or saved.get("dataset") or "rrsisd"
-    size = int(args.img_size or saved.get("img_size") or 480)
-    max_tokens = int(args.max_tokens or saved.get("max_tokens") or 20)
+    size = int(args.img_size or saved.get("img_size") or model.config.get("img_size") or spec.default_img_size)
+    max_tokens = int(args.max_tokens or saved.get("max_tokens") or spec.text.context_length or 20)
 
     path = Path(args.img)
     if not path.is_file():
@@ -97,20 +100,20 @@ def run(args) -> int:
     from data.transforms import image_to_tensor
 
     width, height = picture.size
-    image = image_to_tensor(picture.resize((size, size), Image.BILINEAR))  # as in training: PIL resize
-    texts = encode_sentences(args.text, tokenizer_dir, max_tokens, engine.uses_word_masks(model), dataset)
-    batch = {"image": image[None].expand(len(args.text), -1, -1, -1), **texts}
+    image = image_to_tensor(picture.resize((size, size), Image.BILINEAR), spec.mean, spec.std)  # as in training
+    texts = encode_sentences(texts_in, tokenizer_dir, max_tokens, spec.text.word_masks, dataset)
+    batch = {"image": image[None].expand(len(texts_in), -1, -1, -1), **texts}
+    batch = engine.to_device(batch, device)
     with torch.no_grad(), engine.autocast(device, args.amp):
-        logits = model(**engine.model_inputs(batch, device, engine.uses_word_masks(model)))
-    # Back to the image's own resolution before the argmax.
-    logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=True)
-    masks = logits.argmax(1).cpu().numpy().astype(bool)
+        outputs = model(**engine.model_inputs(batch, spec.inputs))
+    # The model's own decision rule at the image's own resolution.
+    masks = model.predict_mask(outputs, (height, width)).cpu().numpy().astype(bool)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pic = np.asarray(picture)
     summary = []
-    for k, (sentence, mask) in enumerate(zip(args.text, masks)):
+    for k, (sentence, mask) in enumerate(zip(texts_in, masks)):
         stem = f"{path.stem}_{k}_{slug(sentence)}"
         mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)

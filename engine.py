@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+import args as args_lib
 import utils
 from args import parse_int_list
 from lib import checkpoint as ckpt_lib
 from lib import registry
+from lib.spec import ModelSpec
 
 
 class UserError(Exception):
@@ -64,10 +65,10 @@ def bert_folder(path: str, flag: str = "--ck_bert") -> str:
     return str(folder)
 
 
-def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The model config (plain data) that the flags describe."""
-    return registry.model_config(
-        args.model,
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The model flags of args.py as `ModelSpec.build_config` options (a builder ignores the ones
+    it has no use for)."""
+    return dict(
         swin_type=args.swin_type,
         window_size=window_size_from_args(args),
         pretrained_swin=args.pretrained_swin_weights or "",
@@ -80,9 +81,62 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The model config (plain data) that the flags describe."""
+    try:
+        return registry.model_config(args.model, **model_options(args))
+    except (ValueError, KeyError) as e:
+        raise UserError(str(e).strip().splitlines()[0]) from None
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The `ModelSpec` of a built model (through DDP / torch.compile wrappers)."""
+    return _unwrapped(model).spec
+
+
+def load_pretrained(model: nn.Module, swin_path: str, bert_dir: str, verbose: bool = True) -> list[str]:
+    """ImageNet backbone weights (``--pretrained_swin_weights``) and language weights (a BERT
+    folder with weights) into a freshly built model. With both given, every key left at its random
+    initialisation must be one the model's spec expects to stay missing (else a key report).
+    Returns the loaded keys."""
+    loaded: list[str] = []
+    if swin_path:
+        if not Path(swin_path).is_file():
+            raise UserError(f"--pretrained_swin_weights {swin_path}: file not found")
+        try:
+            loaded += ckpt_lib.load_pretrained_swin(model, swin_path)
+        except ckpt_lib.CheckpointError as e:
+            raise UserError(f"--pretrained_swin_weights {swin_path}: {str(e).splitlines()[0]}") from None
+    has_bert = bool(bert_dir) and ckpt_lib.has_bert_weights(bert_dir)
+    if has_bert:
+        try:
+            loaded += ckpt_lib.load_pretrained_bert(model, bert_dir)
+        except (OSError, ValueError, ckpt_lib.CheckpointError) as e:
+            raise UserError(f"--ck_bert {bert_dir}: BERT weights cannot be loaded "
+                            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    elif verbose and bert_dir:
+        print(f"[train] {bert_dir} has no weights: the language encoder starts from random initialisation")
+    if swin_path and has_bert:
+        ckpt_lib.check_pretrained_coverage(model, loaded, spec_of(model).unexpected_missing)
+    return loaded
+
+
+def resolve_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """Check ``--model`` / ``--dataset`` and fill the flags left unset from the model's reference
+    recipe for the dataset (one-line errors)."""
+    try:
+        name = args_lib.resolve_model_name(argparse.Namespace(model=name), registry.available_models()) or name
+        spec = registry.model_spec(name)
+        if getattr(args, "img_size", None) is None:
+            args.img_size = spec.default_img_size
+        return args_lib.resolve(args, name, spec.recipe(args.dataset).as_flags())
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def model_uses_word_masks(name: str) -> bool:
-    """Whether a registered model reads the ground-object / position word masks (imports its class only)."""
-    return bool(getattr(registry.model_class(name), "uses_word_masks", False))
+    """Whether a registered model reads the ground-object / position word masks."""
+    return registry.model_spec(name).text.word_masks
 
 
 def checkpoint_model_name(ckpt: dict[str, Any]) -> str | None:
@@ -124,7 +178,10 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str, args: argparse.Namesp
             raise UserError(f"--resume {path} is not an OpenRRSIS checkpoint (no config inside): "
                             f"pass --model and the model flags it was trained with")
         config = config_from_args(args)
-    model = registry.build_model(config)
+    try:
+        model = registry.build_model(config)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"--resume {path}: its model config cannot be built ({str(e).splitlines()[0]})") from None
     try:
         state = ckpt_lib.extract_state_dict(ckpt)
         # Keys an original checkpoint carries that the model deliberately does not hold
@@ -179,39 +236,41 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def training_loss(net: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor, criterion: Callable,
-                  aux_from_target: bool, device: torch.device, amp: str) -> torch.Tensor:
-    """One training forward under ``--amp`` autocast and its loss in float32:
-    ``criterion(logits, target)``, plus the model's auxiliary loss when its forward takes the
-    target (``aux_from_target``; e.g. CrossVLT's alignment loss needs the ground truth)."""
-    with autocast(device, amp):
-        if aux_from_target:
-            logits, aux = net(**inputs, target=target)
-        else:
-            logits, aux = net(**inputs), None
-    loss = criterion(logits.float(), target)
-    return loss if aux is None else loss + aux.float()
-
-
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside a DDP and / or torch.compile wrapper."""
-    inner = getattr(model, "module", model)
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
     return getattr(inner, "_orig_mod", inner)
 
 
 def uses_word_masks(model: nn.Module) -> bool:
-    return bool(getattr(_unwrapped(model), "uses_word_masks", False))
+    return spec_of(model).text.word_masks
 
 
-def forward_takes_target(model: nn.Module) -> bool:
-    """Whether the model's training forward takes the target (``training_loss``'s ``aux_from_target``)."""
-    return "target" in inspect.signature(_unwrapped(model).forward).parameters
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with every tensor moved to ``device`` (strings and lists stay)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def model_inputs(batch: dict[str, Any], device: torch.device, word_masks: bool) -> dict[str, torch.Tensor]:
-    """The keyword arguments of a model's forward, moved to ``device``."""
-    keys = ("image", "text", "l_mask") + (("t_mask", "p_mask") if word_masks else ())
-    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+def model_inputs(batch: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a model's forward: the batch entries its spec names."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"the batch lacks {', '.join(missing)} (the model's forward takes {', '.join(keys)})")
+    return {k: batch[k] for k in keys}
+
+
+def training_loss(net: nn.Module, batch: Mapping[str, Any], device: torch.device,
+                  amp: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward under ``--amp`` autocast (inputs: the spec's ``training_inputs``) and
+    the model's named loss terms in float32, outside autocast. Returns ``(total, terms)``; ``batch``
+    must already be on ``device``."""
+    model = _unwrapped(net)
+    with autocast(device, amp):
+        outputs = net(**model_inputs(batch, spec_of(model).training_inputs))
+    terms = model.loss(outputs, batch)
+    total = sum(t.float() for t in terms.values())
+    return total, terms
 
 
 OnBatch = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], None]
@@ -227,13 +286,14 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     """
     model.eval()
     metrics = utils.SegMetrics(device)
-    word_masks = uses_word_masks(model)
+    inner = _unwrapped(model)
+    keys = spec_of(inner).inputs
     for batch in utils.progress(loader, enabled=show_progress and utils.is_main_process(), desc=desc, leave=False):
+        batch = to_device(batch, device)
         with autocast(device, amp):
-            logits = model(**model_inputs(batch, device, word_masks))
-        # argmax over the two classes; ties go to background as in the reference.
-        pred = logits.float().argmax(1)
-        gt = batch["target"].to(device, non_blocking=True)
+            outputs = model(**model_inputs(batch, keys))
+        gt = batch["target"]
+        pred = inner.predict_mask(outputs, gt.shape[-2:])  # the model's own rule (argmax, sigmoid > 0.5 ...)
         iou = metrics.update(pred, gt, list(batch.get("category", [])) or None)
         if on_batch is not None:
             on_batch(batch, pred, iou)

@@ -72,8 +72,8 @@ class PredictionWriter:
                 rec.update(sent_index=int(batch["sent_index"][k]), sentence=batch["sentence"][k], iou=ious[k])
                 self.index_lines.append(rec)
             if self.vis_left:
-                pic = utils.denormalize(batch["image"][k])
-                gt = batch["target"][k].numpy().astype(bool)
+                pic = utils.denormalize(batch["image"][k].cpu())
+                gt = batch["target"][k].cpu().numpy().astype(bool)
                 panel = utils.side_by_side(pic, utils.overlay(pic, gt, (40, 200, 40)),
                                            utils.overlay(pic, pred_np[k], (255, 40, 40)))
                 Image.fromarray(panel).save(self.vis_dir / name.replace(".png", f"_iou{ious[k]:.2f}.png"))
@@ -103,7 +103,7 @@ def run(args) -> int:
         requested = args_lib.resolve_model_name(args, registry.available_models())
     except ValueError as e:
         raise UserError(str(e)) from None
-    if stored and args.model and args.model != stored:
+    if stored and requested and requested != stored:
         raise UserError(f"--resume {args.resume} holds a '{stored}' model, but --model {args.model} was given")
     name = stored or requested
     if name is None:
@@ -112,12 +112,11 @@ def run(args) -> int:
     saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     if args.max_tokens is None and saved_args.get("max_tokens"):
         args.max_tokens = int(saved_args["max_tokens"])  # evaluate with the token limit it was trained with
-    if stored and saved_args.get("img_size") and args.img_size != saved_args["img_size"] and info.is_main:
-        print(f"[test] note: trained at --img_size {saved_args['img_size']}, evaluating at {args.img_size}")
-    try:
-        args_lib.resolve(args, name)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    if args.img_size is None:  # evaluate at the size it was trained at (as demo.py)
+        size = saved_args.get("img_size") or (ckpt["config"].get("img_size") if stored else None)
+        if isinstance(size, int):
+            args.img_size = size
+    engine.resolve_args(args, name)
     model = engine.model_from_checkpoint(ckpt, args.resume, args if not stored else None, strict=not args.non_strict)
     del ckpt
     model.to(info.device).eval()

@@ -8,7 +8,12 @@ a poly(0.9) schedule stepped every iteration, the reference loss of each model, 
 epoch and best-checkpoint selection on overall IoU (strictly greater). Differences that do not change
 the maths: no per-step ``gc.collect`` / ``empty_cache`` / ``synchronize``; parameters the reference
 never updates are frozen, so DDP runs without ``find_unused_parameters``; checkpoints are written
-atomically with the optimiser, scheduler, scaler and RNG states, so ``--resume`` continues exactly.
+atomically with the optimiser, scheduler, scaler and RNG states and the frozen-parameter list, so
+``--resume`` continues exactly.
+
+Everything model-specific (recipe, loss, SyncBN, validation protocol, inputs) comes from the
+model's `ModelSpec` and its ``loss`` method; `train` is a sequence of named steps in the shape of
+the torchvision reference scripts.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import engine
 import utils
 from engine import UserError
 from lib import checkpoint as ckpt_lib
-from lib import losses, registry
+from lib import registry
 
 
 class TrainingDiverged(UserError):
@@ -103,206 +108,301 @@ def poly_schedule(total_iters: int):
 
 
 # --------------------------------------------------------------------------------------------
-# The run
+# The run, step by step
 # --------------------------------------------------------------------------------------------
-def build_everything(args, info: utils.DistInfo):
-    resume_ckpt = None
-    if args.resume:
-        resume_ckpt = engine.read_checkpoint(args.resume)
-        stored = engine.checkpoint_model_name(resume_ckpt)
-        if stored is None:
-            raise UserError(f"--resume {args.resume} is not an OpenRRSIS training checkpoint "
-                            f"(to fine-tune from an original checkpoint, evaluate it with test.py first)")
-        if stored != args.model:
-            raise UserError(f"--resume {args.resume} holds a '{stored}' model, but --model {args.model} was given")
-        config = resume_ckpt["config"]
-    else:
-        config = engine.config_from_args(args)
+def check_flags(args) -> None:
+    """Flag values that would make a run do nothing or misbehave: one line each."""
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs}: nothing to train (give at least 1 epoch)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be a positive number of samples per process")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max_steps {args.max_steps}: must be >= 1 (0 would save untrained weights as the best)")
+    if args.eval_batch_size < 1:
+        raise UserError(f"--eval_batch_size {args.eval_batch_size}: must be >= 1")
+    if args.lr is not None and not args.lr > 0:
+        raise UserError(f"--lr {args.lr}: must be positive")
+
+
+def prepare_output_dir(args, info: utils.DistInfo) -> Path:
+    out_dir = Path(args.output_dir)
+    if info.is_main:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--output-dir {out_dir}: exists and is not a directory")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--output-dir {out_dir}: not writable ({e.strerror or e})") from None
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    return out_dir
+
+
+def read_resume_checkpoint(args) -> dict[str, Any] | None:
+    if not args.resume:
+        return None
+    ckpt = engine.read_checkpoint(args.resume)
+    stored = engine.checkpoint_model_name(ckpt)
+    if stored is None or "optimizer" not in ckpt:
+        raise UserError(f"--resume {args.resume} is not an OpenRRSIS training checkpoint "
+                        f"(to fine-tune from an original checkpoint, evaluate it with test.py first)")
+    if stored != args.model:
+        raise UserError(f"--resume {args.resume} holds a '{stored}' model, but --model {args.model} was given")
+    return ckpt
+
+
+def build_model(args, info: utils.DistInfo, resume_ckpt: dict[str, Any] | None) -> tuple[nn.Module, list[str]]:
+    """The model with its starting weights (pretrained files, or the resumed checkpoint) and its
+    frozen parameters: decided once at the start of a run and stored in its checkpoints, so a
+    resume freezes the same parameters whatever ``--ck_bert`` says now."""
+    config = resume_ckpt["config"] if resume_ckpt is not None else engine.config_from_args(args)
     if args.grad_ckpt:
         config = {**config, "grad_ckpt": True}
     model = registry.build_model(config)
     if resume_ckpt is None:
-        if args.pretrained_swin_weights:
-            if not Path(args.pretrained_swin_weights).is_file():
-                raise UserError(f"--pretrained_swin_weights {args.pretrained_swin_weights}: file not found")
-            report = ckpt_lib.load_pretrained_swin(model, args.pretrained_swin_weights)
-            if info.is_main:
-                print(report)
-        if ckpt_lib.has_bert_weights(args.ck_bert):
-            ckpt_lib.load_pretrained_bert(model, args.ck_bert)
-        elif info.is_main:
-            print(f"[train] {args.ck_bert} has no weights: BERT starts from random initialisation")
+        engine.load_pretrained(model, args.pretrained_swin_weights, args.ck_bert, verbose=info.is_main)
+        frozen = freeze_untrained_parameters(model, bert_pretrained=ckpt_lib.has_bert_weights(args.ck_bert))
     else:
         ckpt_lib.load_model_state(model, resume_ckpt["model"], strict=True)
-    freeze_untrained_parameters(model, bert_pretrained=ckpt_lib.has_bert_weights(args.ck_bert))
-    return model, config, resume_ckpt
+        frozen = resume_ckpt.get("frozen")
+        if frozen is None:  # checkpoints written before the list was stored
+            frozen = freeze_untrained_parameters(model, bert_pretrained=ckpt_lib.has_bert_weights(args.ck_bert))
+        else:
+            names = set(frozen)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name not in names)
+    return model, list(frozen)
+
+
+def build_loader(ds, args, info: utils.DistInfo):
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=info.world_size, rank=info.rank,
+                                                  shuffle=True, seed=args.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=args.pin_mem, drop_last=True, persistent_workers=False)
+    if len(loader) == 0:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training split "
+                        f"({len(ds)} samples per process): nothing to train on")
+    return sampler, loader
+
+
+def build_optimiser(model: nn.Module, args, device: torch.device, total_iters: int):
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr,
+                                  weight_decay=args.weight_decay, amsgrad=args.amsgrad, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_iters))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return optimizer, scheduler, scaler
+
+
+def restore(ckpt: dict[str, Any], optimizer, scheduler, scaler) -> tuple[int, float, int]:
+    """Optimiser, schedule, scaler and RNG states of a resumed run: ``(start_epoch, best, iteration)``."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    utils.set_rng_state(ckpt["rng"])
+    return int(ckpt["epoch"]) + 1, float(ckpt.get("best_oIoU", -0.1)), int(ckpt.get("iteration", 0))
+
+
+def wrap_sync_bn(model: nn.Module, sync_bn: bool, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm when the spec asks for it (the references under DDP). SyncBN
+    runs on accelerators only, so CPU (gloo) runs keep per-process BatchNorm."""
+    if sync_bn and device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def wrap(model: nn.Module, args, info: utils.DistInfo) -> nn.Module:
+    """DDP (with SyncBN where the spec asks for it), then torch.compile.
+
+    DDP first, then compile (PyTorch's recommended order): dynamo sees the DDP wrapper and its
+    DDPOptimizer splits the graph at the gradient-bucket boundaries, so each bucket's all-reduce
+    still overlaps the rest of the backward. Only the training forward is compiled: validation
+    calls the plain model (eval mode, other batch sizes would only trigger recompilations)."""
+    net = model
+    device = info.device
+    if info.distributed:
+        spec = engine.spec_of(model)
+        if spec.sync_bn and device.type == "cpu" and info.is_main:
+            print("[train] note: this model's reference uses SyncBatchNorm under DDP; on CPU (gloo) BatchNorm "
+                  "statistics stay per process")
+        net = wrap_sync_bn(net, spec.sync_bn, device)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net, backend=args.compile_backend)
+    return net
+
+
+class EpochLogger:
+    """TensorBoard scalars and ``log.jsonl`` records on rank 0."""
+
+    def __init__(self, out_dir: Path, args, info: utils.DistInfo):
+        self.main = info.is_main
+        self.writer = None
+        self.jsonl = None
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=args.log_dir or str(out_dir / "tb"))
+            self.jsonl = utils.JsonlLogger(out_dir / "log.jsonl")
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def record(self, record: dict[str, Any]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(record)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train_one_epoch(net: nn.Module, loader, optimizer, scheduler, scaler, args, device: torch.device, epoch: int,
+                    iteration: int, iters_per_epoch: int, log: EpochLogger, out_dir: Path,
+                    has_checkpoint: bool) -> tuple[int, dict[str, float]]:
+    """One epoch of the reference loop: forward + the model's loss terms, backward, AdamW step,
+    poly step per iteration. Checks the loss for NaN / inf every ``--print-freq`` steps (the only
+    host sync). Returns ``(iteration, averaged loss terms)``."""
+    net.train()
+    meters = utils.MetricLogger()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    bar = utils.progress(loader, enabled=log.main, total=iters_per_epoch, desc=f"epoch {epoch}")
+    kept = (f"the last good checkpoint in {out_dir} is kept" if has_checkpoint
+            else "no checkpoint was written yet")
+    for step, batch in enumerate(bar):
+        if step >= iters_per_epoch:
+            break
+        batch = engine.to_device(batch, device)
+        loss, terms = engine.training_loss(net, batch, device, args.amp)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        iteration += 1
+        nonfinite |= ~torch.isfinite(loss.detach())
+        if step % args.print_freq == 0 or step == iters_per_epoch - 1:
+            value = loss.item()
+            if not math.isfinite(value) or nonfinite.item():
+                raise TrainingDiverged(f"loss became {value} at epoch {epoch}, step {step}: stopped; {kept} "
+                                       f"(lower --lr or use --amp off)")
+            lr = optimizer.param_groups[0]["lr"]
+            values = {"loss": value, **{k: float(v.item()) for k, v in terms.items()}, "lr": lr}
+            meters.update(**values)
+            if log.main:
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            log.scalars("train", values, iteration)
+    if nonfinite.item():
+        raise TrainingDiverged(f"a non-finite loss occurred in epoch {epoch}: stopped; {kept}")
+    return iteration, meters.averages()
+
+
+def checkpoint_payload(model, optimizer, scheduler, scaler, args, epoch: int, iteration: int, best: float,
+                       frozen: list[str]) -> dict[str, Any]:
+    return {
+        "format": "openrrsis-checkpoint-v1",
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if args.amp == "fp16" else {},
+        "epoch": epoch,
+        "iteration": iteration,
+        "best_oIoU": best,
+        "rng": utils.get_rng_state(),
+        "config": model.config,
+        "frozen": frozen,
+        "args": json.loads(json.dumps(vars(args), default=str)),
+    }
+
+
+def out_of_time(args, started: float, last_epoch: bool, info: utils.DistInfo) -> bool:
+    """``--time_limit`` reached after this epoch; under DDP rank 0's clock decides for all ranks."""
+    flag = not last_epoch and args.time_limit is not None and time.time() - started > args.time_limit * 60
+    if info.distributed:
+        t = torch.tensor([float(flag)], device=info.device)
+        torch.distributed.broadcast(t, src=0)
+        flag = bool(t.item())
+    return flag
 
 
 def train(args) -> int:
+    check_flags(args)
     info = utils.init_distributed(args.device)
     utils.seed_everything(args.seed)  # the same seed on every rank, as the references
     device = info.device
-    out_dir = Path(args.output_dir)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    resume_ckpt = read_resume_checkpoint(args)
+    if resume_ckpt is not None and int(resume_ckpt["epoch"]) + 1 >= args.epochs:
+        if info.is_main:
+            print(f"[train] --resume {args.resume}: already complete ({int(resume_ckpt['epoch']) + 1} of "
+                  f"--epochs {args.epochs} epochs done); nothing to do")
+        return 0
+    out_dir = prepare_output_dir(args, info)
+    spec = registry.model_spec(args.model)
 
     train_ds = engine.build_dataset(args, "train", mode="train")
     val_ds = None if args.no_val else engine.build_dataset(args, args.val_split, mode="eval",
-                                                           eval_protocol="one-per-ref")
-    model, config, resume_ckpt = build_everything(args, info)
+                                                           eval_protocol=spec.val_protocol)
+    model, frozen = build_model(args, info, resume_ckpt)
     model.to(device)
-    criterion = losses.build_criterion(config["model"])
-
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
-                                                  shuffle=True, seed=args.seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=args.pin_mem, drop_last=True,
-                                         persistent_workers=False)
-    if len(loader) == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training split "
-                        f"({len(train_ds)} samples per process): nothing to train on")
+    sampler, loader = build_loader(train_ds, args, info)
     iters_per_epoch = len(loader) if args.max_steps is None else min(len(loader), args.max_steps)
-    total_iters = iters_per_epoch * args.epochs
-
-    groups = parameter_groups(model, args.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_iters))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-
+    optimizer, scheduler, scaler = build_optimiser(model, args, device, iters_per_epoch * args.epochs)
     start_epoch, best, iteration = 0, -0.1, 0
     if resume_ckpt is not None:
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
-        if "scaler" in resume_ckpt and resume_ckpt["scaler"]:
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        start_epoch = int(resume_ckpt["epoch"]) + 1
-        best = float(resume_ckpt.get("best_oIoU", best))
-        iteration = int(resume_ckpt.get("iteration", 0))
-        utils.set_rng_state(resume_ckpt["rng"])
+        start_epoch, best, iteration = restore(resume_ckpt, optimizer, scheduler, scaler)
         if info.is_main:
             print(f"[train] resumed from {args.resume}: epoch {start_epoch}, best oIoU {best:.4f}")
         del resume_ckpt
-
-    net: nn.Module = model
-    if info.distributed:
-        if device.type == "cuda" and config["model"] in ("lavt", "lavt_one", "rmsin"):
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # the references use SyncBN under DDP
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        # DDP first, then compile (PyTorch's recommended order): dynamo sees the DDP wrapper and its
-        # DDPOptimizer splits the graph at the gradient-bucket boundaries, so each bucket's all-reduce
-        # still overlaps the rest of the backward. Compiling the bare model inside DDP would instead
-        # hand DDP one opaque compiled backward with every all-reduce at its end. Only the training
-        # forward is compiled: validation calls the plain `model` (eval mode, other batch sizes would
-        # only trigger recompilations).
-        net = torch.compile(net, backend=args.compile_backend)
-
-    writer = None
-    if info.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=args.log_dir or str(out_dir / "tb"))
-    epoch_log = utils.JsonlLogger(out_dir / "log.jsonl") if info.is_main else None
-    word_masks = engine.uses_word_masks(model)
-    aux_from_target = engine.forward_takes_target(model)
+    net = wrap(model, args, info)
+    log = EpochLogger(out_dir, args, info)
     started = time.time()
+    has_checkpoint = start_epoch > 0
 
     for epoch in range(start_epoch, args.epochs):
-        net.train()
         sampler.set_epoch(epoch)
-        meters = utils.MetricLogger()
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        bar = utils.progress(loader, enabled=info.is_main, total=iters_per_epoch, desc=f"epoch {epoch}")
-        for step, batch in enumerate(bar):
-            if step >= iters_per_epoch:
-                break
-            inputs = engine.model_inputs(batch, device, word_masks)
-            target = batch["target"].to(device, non_blocking=True)
-            loss = engine.training_loss(net, inputs, target, criterion, aux_from_target, device, args.amp)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            iteration += 1
-            nonfinite |= ~torch.isfinite(loss.detach())
-            if step % args.print_freq == 0 or step == iters_per_epoch - 1:
-                value = loss.item()  # the only host sync of the step, every --print-freq steps
-                if not math.isfinite(value) or nonfinite.item():
-                    raise TrainingDiverged(
-                        f"loss became {value} at epoch {epoch}, step {step}: stopped; the last good checkpoint "
-                        f"in {out_dir} is kept (lower --lr or use --amp off)")
-                lr = optimizer.param_groups[0]["lr"]
-                meters.update(loss=value, lr=lr)
-                if info.is_main:
-                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-                    writer.add_scalar("train/loss", value, iteration)
-                    writer.add_scalar("train/lr", lr, iteration)
-        if nonfinite.item():
-            raise TrainingDiverged(f"a non-finite loss occurred in epoch {epoch}: stopped; the last good "
-                                   f"checkpoint in {out_dir} is kept")
-
-        record: dict[str, Any] = {"epoch": epoch, "iteration": iteration, **{f"train_{k}": v for k, v in
-                                                                             meters.averages().items()}}
+        iteration, averages = train_one_epoch(net, loader, optimizer, scheduler, scaler, args, device, epoch,
+                                              iteration, iters_per_epoch, log, out_dir, has_checkpoint)
+        record: dict[str, Any] = {"epoch": epoch, "iteration": iteration,
+                                  **{f"train_{k}": v for k, v in averages.items()}}
         improved = False
         if val_ds is not None:
-            val_loader = engine.eval_loader(val_ds, args.eval_batch_size, args.workers, args.pin_mem, info)
-            summary = engine.evaluate(model, val_loader, device, args.amp, desc=f"val {epoch}")
+            summary = validate(model, val_ds, args, info, epoch)
             record.update({f"val_{k}": v for k, v in summary.items() if k != "per_category"})
             improved = summary["oIoU"] > best
-            if improved:
-                best = summary["oIoU"]
+            best = max(best, summary["oIoU"])
             if info.is_main:
                 print(f"[epoch {epoch}] val oIoU {100 * summary['oIoU']:.2f}  mIoU {100 * summary['mIoU']:.2f}  "
                       f"P@0.5 {100 * summary['P@0.5']:.2f}  (best oIoU {100 * best:.2f})")
-                for k in ("oIoU", "mIoU", "P@0.5"):
-                    writer.add_scalar(f"val/{k}", summary[k], epoch)
+            log.scalars("val", {k: summary[k] for k in ("oIoU", "mIoU", "P@0.5")}, epoch)
         if info.is_main:
-            payload = {
-                "format": "openrrsis-checkpoint-v1",
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if args.amp == "fp16" else {},
-                "epoch": epoch,
-                "iteration": iteration,
-                "best_oIoU": best,
-                "rng": utils.get_rng_state(),
-                "config": config,
-                "args": json.loads(json.dumps(vars(args), default=str)),
-            }
+            payload = checkpoint_payload(model, optimizer, scheduler, scaler, args, epoch, iteration, best, frozen)
             ckpt_lib.save_checkpoint(out_dir / "checkpoint_last.pth", payload)
             if improved or val_ds is None:
                 ckpt_lib.save_checkpoint(out_dir / "checkpoint_best.pth", payload)
-            record["best_oIoU"] = best
-            record["elapsed_s"] = round(time.time() - started, 1)
-            epoch_log.write(record)
-        last_epoch = epoch == args.epochs - 1
-        out_of_time = (not last_epoch and args.time_limit is not None
-                       and time.time() - started > args.time_limit * 60)
-        if info.distributed:  # all ranks must leave the loop together: rank 0's clock decides
-            flag = torch.tensor([float(out_of_time)], device=device)
-            torch.distributed.broadcast(flag, src=0)
-            out_of_time = bool(flag.item())
-        if out_of_time:
+            log.record({**record, "best_oIoU": best, "elapsed_s": round(time.time() - started, 1)})
+        has_checkpoint = True
+        if out_of_time(args, started, epoch == args.epochs - 1, info):
             if info.is_main:
                 print(f"[train] --time_limit {args.time_limit} min reached after epoch {epoch}; "
                       f"resume with --resume {out_dir / 'checkpoint_last.pth'}")
             break
-    if writer is not None:
-        writer.close()
+    log.close()
     return 0
+
+
+def validate(model: nn.Module, val_ds, args, info: utils.DistInfo, epoch: int) -> dict[str, Any]:
+    """The per-epoch validation (the spec's protocol) on the plain, unwrapped model."""
+    loader = engine.eval_loader(val_ds, args.eval_batch_size, args.workers, args.pin_mem, info)
+    return engine.evaluate(model, loader, info.device, args.amp, desc=f"val {epoch}")
 
 
 def main() -> int:
     args = args_lib.get_parser().parse_args()
-    try:
-        name = args_lib.resolve_model_name(args, registry.available_models()) or "fianet"
-        args_lib.resolve(args, name)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    engine.resolve_args(args, args.model or "fianet")
     return train(args)
 
 

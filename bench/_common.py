@@ -25,7 +25,6 @@ from typing import Any, Callable, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.jsonl"
 SETTINGS = ("paper", "tiny")
-PAPER_TOKENS = {"crossvlt": 21}  # reference sentence lengths that differ from the default 20
 
 
 class BenchError(ValueError):
@@ -59,13 +58,17 @@ def setting_config(model: str, setting: str, opts: Options) -> tuple[dict[str, A
 
     if setting not in SETTINGS:
         raise BenchError(f"--setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    from lib.registry import model_spec
+
+    spec = model_spec(model)
     extra: dict[str, Any] = {"fused_attn": opts.fast_paths, "grad_ckpt": opts.grad_ckpt}
-    if opts.reference_ops and model == "fianet":
+    if opts.reference_ops:
         extra["batched_text"] = False
-    if model == "fianet":
-        extra["num_tmem"] = 3 if setting == "paper" else 1
     if setting == "paper":
-        size, tokens = 480, PAPER_TOKENS.get(model, 20)
+        # The paper setting: Swin-B, 480 px, the RRSIS-D recipe's model options (FIANet: 3 TMEM
+        # blocks), the model's usual sentence length (CrossVLT 21, else 20).
+        extra.update(spec.recipe("rrsisd").options)
+        size, tokens = 480, spec.text.context_length or spec.recipe("*").max_tokens
         cfg = model_config(model, swin_type="base", window_size=12, bert="bert-base-uncased", img_size=size, **extra)
     else:
         size, tokens = 96, 12

@@ -48,7 +48,7 @@ def make_dataset(workdir: Path, model_name: str, setting: str, size: int, tokens
     argv = ["--model", model_name, "--dataset", "rrsisd", "--refer_data_root", str(paths["rrsisd"]),
             "--bert_tokenizer", str(paths["bert"]), "--ck_bert", str(paths["bert"]), "--img_size", str(size),
             "--max_tokens", str(tokens), "--cache_dir", str(workdir / "cache"), "--workers", str(workers)]
-    args = args_lib.resolve(args_lib.get_parser().parse_args(argv), model_name)
+    args = engine.resolve_args(args_lib.get_parser().parse_args(argv), model_name)
     if split == "train":
         ds = engine.build_dataset(args, "train", mode="train")
     else:
@@ -67,7 +67,6 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
     import engine
     import train as train_lib
     import utils
-    from lib import losses
     from lib.registry import build_model
 
     device = prepare_torch(opts)
@@ -82,7 +81,6 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
         torch.manual_seed(0)
         model = build_model(cfg).to(device)
         check_model_options(model, opts)
-        word_masks = engine.uses_word_masks(model)
         rec = base_record(model_name, what, setting, opts, size, tokens)
         # fit: the model's own loss and train.py's AdamW (fused on CUDA only); eval: no loss.
         rec.update({"loss": "model" if what == "fit" else None,
@@ -97,14 +95,12 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
             optimizer = torch.optim.AdamW(train_lib.parameter_groups(model, args.weight_decay), lr=args.lr,
                                           weight_decay=args.weight_decay, fused=device.type == "cuda")
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_lib.poly_schedule(passes))
-            criterion = losses.build_criterion(model_name)
-            with_target = engine.forward_takes_target(model)
             loader = torch.utils.data.DataLoader(ds, batch_size=opts.batch, shuffle=True, num_workers=workers,
                                                  pin_memory=device.type == "cuda", drop_last=True,
                                                  generator=torch.Generator().manual_seed(0))
 
-            def forward_backward(inputs, target):
-                loss = engine.training_loss(model, inputs, target, criterion, with_target, device, opts.amp)
+            def forward_backward(batch):
+                loss = engine.training_loss(model, batch, device, opts.amp)[0]
                 loss.backward()
                 return loss
 
@@ -113,17 +109,16 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
             for step, batch in enumerate(loader):
                 if step >= passes:
                     break
-                inputs = engine.model_inputs(batch, device, word_masks)
-                target = batch["target"].to(device, non_blocking=True)
+                batch = engine.to_device(batch, device)
                 optimizer.zero_grad(set_to_none=True)
-                forward_backward(inputs, target)
+                forward_backward(batch)
                 optimizer.step()
                 scheduler.step()
                 sync()
                 now = time.perf_counter()
                 times.append(now - t_prev)
                 t_prev = now
-                last = {"inputs": inputs, "target": target}
+                last = {"batch": batch}
         else:
             subset = torch.utils.data.Subset(ds, range(passes * opts.batch))
             loader = engine.eval_loader(subset, opts.batch, workers, device.type == "cuda", utils.DistInfo(device=device))
@@ -149,10 +144,10 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
         rec.update(peak_memory(device))
         if flops:
             if what == "fit":
-                per_image = count_flops(lambda: forward_backward(last["inputs"], last["target"])) / opts.batch
+                per_image = count_flops(lambda: forward_backward(last["batch"])) / opts.batch
                 optimizer.zero_grad(set_to_none=True)
             else:
-                inputs = engine.model_inputs(last["batch"], device, word_masks)
+                inputs = engine.model_inputs(engine.to_device(last["batch"], device), model.spec.inputs)
 
                 def forward():
                     with torch.no_grad(), engine.autocast(device, opts.amp):

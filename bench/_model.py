@@ -23,10 +23,7 @@ from typing import Any
 from _common import (Options, base_record, check_model_options, count_flops, peak_memory, prepare_torch,
                      setting_config, summarise, synchronizer, utilisation)
 
-ORIGINAL_CPU = {"fianet": {"forward": 4.5, "train": 15.2}}  # seconds, fixtures/README.md (batch 2, 2 threads)
-
-
-INPUT_KEYS = ("image", "text", "l_mask", "t_mask", "p_mask")  # a model forward's keywords (engine.model_inputs)
+INPUT_KEYS = ("image", "text", "l_mask", "t_mask", "p_mask")  # the inputs drawn; a model takes its spec's ``inputs``
 
 
 def make_inputs(cfg: dict, batch: int, size: int, tokens: int, device) -> tuple[dict, Any]:
@@ -61,8 +58,7 @@ def build(model_name: str, setting: str, opts: Options, device):
     model = build_model(cfg).to(device)
     check_model_options(model, opts)
     inputs, target = make_inputs(cfg, opts.batch, size, tokens, device)
-    if not getattr(model, "uses_word_masks", False):
-        inputs = {k: inputs[k] for k in INPUT_KEYS[:3]}
+    inputs = {k: inputs[k] for k in model.spec.inputs}
     return model, cfg, size, tokens, inputs, target
 
 
@@ -77,19 +73,22 @@ def training_step_fn(model_name: str, model, inputs, target, opts: Options, devi
     net = model if net is None else net
     if opts.loss == "model":
         import train as train_lib
-        from lib.losses import build_criterion
 
         train_lib.freeze_untrained_parameters(model, bert_pretrained=False)
         params = train_lib.parameter_groups(model, 1e-2)
-        criterion = build_criterion(model_name)
-        with_target = engine.forward_takes_target(model)
+        batch = {**inputs, "target": target}
+        extra = {k: batch[k] for k in model.spec.training_inputs if k not in inputs}
+
+        def forward_backward():
+            engine.training_loss(net, {**batch, **extra}, device, opts.amp)[0].backward()
     else:
         params = list(model.parameters())
-        criterion, with_target = F.cross_entropy, False
-    opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-2, fused=opts.adamw == "fused" and not opts.reference_ops)
 
-    def forward_backward():
-        engine.training_loss(net, inputs, target, criterion, with_target, device, opts.amp).backward()
+        def forward_backward():  # the original's protocol: plain cross-entropy on the logits
+            with engine.autocast(device, opts.amp):
+                outputs = net(**inputs)
+            F.cross_entropy(model.logits(outputs).float(), target).backward()
+    opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-2, fused=opts.adamw == "fused" and not opts.reference_ops)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -155,8 +154,4 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
         rec["flops_per_image"] = per_image
         rec["peak_tflops"] = peak_tflops
         rec["mfu"] = utilisation(per_image, rec["images_per_s"], peak_tflops)
-    ref = ORIGINAL_CPU.get(model_name, {}).get(what)
-    if ref and setting == "paper" and opts.device == "cpu" and opts.threads == 2 and opts.batch == 2:
-        rec["original_s"] = ref
-        rec["speedup_vs_original"] = round(ref / rec["median_s"], 2)
     return rec

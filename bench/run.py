@@ -45,7 +45,6 @@ ensure_importable()
 
 WHATS = ("forward", "train", "fit", "eval", "data", "flops")
 DEFAULT_PASSES = {"forward": 4, "train": 4, "fit": 5, "eval": 5, "flops": 1}
-DEFAULT_TEXT = {"fianet": "masks"}  # --what data without --text: the text a model's dataset builds
 # Flags that do not change what is measured: left out of the reproducing command.
 NOT_IN_COMMAND = {"model", "what", "setting", "results", "no_save", "child", "construct", "report"}
 # Flags that only matter to some measurements.
@@ -136,7 +135,11 @@ def run_child(args: argparse.Namespace) -> int:
     else:
         import _data
 
-        variants = [v.strip() for v in (args.text or DEFAULT_TEXT.get(model, "ids")).split(",") if v.strip()]
+        from lib.registry import model_spec
+
+        # --what data without --text: the text the model's dataset builds (word masks for FIANet)
+        default_text = "masks" if model_spec(model).text.word_masks else "ids"
+        variants = [v.strip() for v in (args.text or default_text).split(",") if v.strip()]
         records = _data.measure(args.setting, variants, opts, args.repeats)
         for rec in records:
             rec["model"] = model

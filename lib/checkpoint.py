@@ -280,25 +280,41 @@ def has_bert_weights(folder: str | os.PathLike) -> bool:
     return any((Path(folder) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
 
 
-def load_pretrained_swin(model: nn.Module, path: str | os.PathLike) -> Any:
+def load_pretrained_swin(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Official Swin ImageNet weights into a model: its own loader when it has one (backbones laid
-    out differently, e.g. CrossVLT), else `load_swin_pretrained` on ``model.backbone``."""
+    out differently, e.g. CrossVLT), else `load_swin_pretrained` on ``model.backbone``. Returns the
+    model's state-dict keys that were loaded."""
     if hasattr(model, "load_pretrained_swin"):
-        return model.load_pretrained_swin(path)
-    return load_swin_pretrained(model.backbone, path)
+        return list(model.load_pretrained_swin(path))
+    return ["backbone." + k for k in load_swin_pretrained(model.backbone, path).loaded]
 
 
-def load_pretrained_bert(model: nn.Module, folder: str | os.PathLike) -> None:
+def load_pretrained_bert(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     """Local Hugging Face BERT weights into a model: its own loader when it has one (CrossVLT's
-    stage-divided encoder), else a strict copy into ``model.text_encoder`` (pooler dropped)."""
+    stage-divided encoder), else a strict copy into ``model.text_encoder`` (pooler dropped).
+    Returns the model's state-dict keys that were loaded."""
     if hasattr(model, "load_pretrained_bert"):
-        model.load_pretrained_bert(folder)
-        return
+        return list(model.load_pretrained_bert(folder))
     from transformers import BertModel
 
     hf = BertModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
     state = {k: v for k, v in hf.state_dict().items() if not k.startswith("pooler.")}
     load_model_state(model.text_encoder, state, strict=True)
+    return ["text_encoder." + k for k in state]
+
+
+def check_pretrained_coverage(model: nn.Module, loaded: list[str], allowed_missing: Any) -> list[str]:
+    """After loading the ImageNet backbone and the language weights: the model keys left at their
+    initialisation. Raises `CheckpointMismatchError` (with the key report) when one of them is not
+    allowed by ``allowed_missing(keys) -> keys that are NOT allowed`` (the spec's patterns)."""
+    done = set(loaded)
+    missing = [k for k in model.state_dict() if k not in done]
+    bad = allowed_missing(missing)
+    if bad:
+        rep = LoadReport(loaded=list(loaded), missing=list(bad))
+        raise CheckpointMismatchError("pretrained weights left keys at their random initialisation that should "
+                                      "have been loaded\n" + rep.format(title="pretrained weights"))
+    return missing
 
 
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
@@ -327,17 +343,3 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None
             os.close(dfd)
     except OSError:
         pass
-
-
-def load_our_checkpoint(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict]:
-    """Rebuild the model from the plain ``config`` stored in one of our checkpoints and load its
-    weights (strict). Returns ``(model, checkpoint_dict)``; the model is in eval mode."""
-    from lib.registry import build_model  # lazy: the registry imports model modules
-
-    ckpt = safe_torch_load(path)
-    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("config"), Mapping):
-        raise CheckpointError(f"{path}: has no 'config' entry; not an OpenRRSIS checkpoint "
-                              "(original checkpoints need --model/--swin_type flags and load_model_state)")
-    model = build_model(ckpt["config"])
-    load_model_state(model, extract_state_dict(ckpt), strict=strict)
-    return model.eval(), dict(ckpt)

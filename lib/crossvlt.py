@@ -26,7 +26,7 @@ API (the choice asked for by the common model contract):
   loss (a scalar, float32). Whether the maps are computed depends on ``target``, never on
   ``nn.Module.training`` (the reference's training/eval return arity bug, crossvlt.md §9).
   The total training loss of the reference is ``2 * weighted_CE(logits, target) + alignment_loss``
-  (``SEGMENTATION_LOSS_WEIGHT`` below).
+  (`CrossVLT.loss`: terms ``ce`` and ``align``).
 * ``return_features=True`` appends a dict of named intermediate tensors (fixture names).
 
 The temperature ``temp`` (4,) is a non-persistent buffer of ones by default: the reference creates
@@ -53,10 +53,13 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertIntermedi
 
 from bert.text_encoder import MASK_VALUE, bert_config_dict
 from lib.decoder import SimpleDecoding
+from lib.lavt import TINY_OPTIONS, family_builder
 from lib.layers import init_backbone_weights, tanh_gate
-from lib.swin import MultiModalStage, PatchEmbed, WindowAttention, run_swin_blocks
+from lib.losses import weighted_cross_entropy
+from lib.spec import ModelSpec, Recipe, SegmentationModel
+from lib.swin import SWIN_DEFAULTS, MultiModalStage, PatchEmbed, WindowAttention, run_swin_blocks
 
-# crossvlt.md §4 / train.py of the reference: L = 2 * CE_w + sum_i 1 * BCE_i.
+# The reference's training loss: L = 2 * CE_w + sum_i 1 * BCE_i.
 SEGMENTATION_LOSS_WEIGHT = 2.0
 ALIGNMENT_LOSS_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 ALIGN_DIM = 256  # width of the alignment projections (vision `proj`, language `proj`)
@@ -411,11 +414,9 @@ def stage_bert_configs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [dict(c) for c in cfgs]
 
 
-class CrossVLT(nn.Module):
+class CrossVLT(SegmentationModel):
     """CrossVLT. ``forward(image (B,3,H,W), text (B,N), l_mask (B,N), target=None,
     return_features=False)`` -> ``logits`` | ``(logits, alignment_loss)`` [+ features dict]."""
-
-    uses_word_masks = False
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
@@ -497,6 +498,14 @@ class CrossVLT(nn.Module):
             out += (feats,)
         return out[0] if len(out) == 1 else out
 
+    def loss(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``2 * weighted CE`` (``ce``) plus the alignment loss the forward computed from the
+        target (``align``; present when ``target`` was among the forward's inputs)."""
+        terms = {"ce": SEGMENTATION_LOSS_WEIGHT * weighted_cross_entropy(self.logits(outputs), batch["target"])}
+        if isinstance(outputs, (tuple, list)) and len(outputs) > 1 and isinstance(outputs[1], torch.Tensor):
+            terms["align"] = outputs[1].float()
+        return terms
+
     # -- training helpers --------------------------------------------------------------------
     def dead_parameter_names(self) -> list[str]:
         """Parameters that get no gradient in a training forward (``target`` given): the gate of
@@ -552,22 +561,30 @@ class CrossVLT(nn.Module):
         for stage in self.backbone:
             stage.layers.grad_ckpt = bool(flag)
 
-    def set_fused_attention(self, flag: bool) -> None:
+    def set_fast_paths(self, flag: bool) -> None:
         for m in self.backbone.modules():
             if isinstance(m, WindowAttention):
                 m.fused = bool(flag)
 
     # -- pretrained weights ------------------------------------------------------------------
-    def load_pretrained_swin(self, path: str | Path):
+    def load_pretrained_swin(self, path: str | Path) -> list[str]:
         """Official Swin ImageNet weights (crossvlt.md §3.4): ``patch_embed.*`` -> ``backbone.0``,
         ``layers.{i}.*`` -> ``backbone.{i}.layers.*``; head, final norm and attn masks dropped.
-        Goes through `lib.checkpoint.load_swin_pretrained` on a view with the Swin key layout."""
-        from lib.checkpoint import load_swin_pretrained  # lazy: checkpoint imports the registry
+        Goes through `lib.checkpoint.load_swin_pretrained` on a view with the Swin key layout;
+        returns the loaded keys in this model's names."""
+        from lib.checkpoint import load_swin_pretrained
 
         view = nn.Module()
         view.patch_embed = self.backbone[0].patch_embed
         view.layers = nn.ModuleList(stage.layers for stage in self.backbone)
-        return load_swin_pretrained(view, path)
+        loaded = []
+        for key in load_swin_pretrained(view, path).loaded:  # back to this model's key names
+            if key.startswith("patch_embed."):
+                loaded.append("backbone.0." + key)
+            else:
+                _, i, rest = key.split(".", 2)
+                loaded.append(f"backbone.{i}.layers.{rest}")
+        return loaded
 
     def load_pretrained_bert(self, folder: str | Path) -> list[str]:
         """Copy a local Hugging Face BERT (e.g. bert-base-uncased) into L1: embeddings and the first
@@ -601,3 +618,58 @@ class CrossVLT(nn.Module):
             raise ValueError(f"{folder}: BERT weights do not fit the language stages ({', '.join(bad[:4])} ...)")
         self.load_state_dict(plan, strict=False)
         return list(plan)
+
+
+# ============================================================================================
+# Config and spec
+# ============================================================================================
+def _configure(cfg: dict, options: dict) -> None:
+    """Language stages of 6 + 1 + 1 + 1 BERT layers sharing one BERT config (paper section 3.1)."""
+    layers = [int(n) for n in options.get("bert_layers_per_stage", (6, 1, 1, 1))]
+    if len(layers) != 4 or min(layers) < 0:
+        raise ValueError(f"bert_layers_per_stage needs 4 non-negative layer counts, got {layers}")
+    cfg["bert_layers_per_stage"] = layers
+    cfg["bert_stage_configs"] = [dict(cfg["bert"], num_hidden_layers=n) for n in layers]
+    cfg["alignment"] = {"learnable_temperature": bool(options.get("learnable_temperature", False)),
+                        "weights": [1.0, 1.0, 1.0, 1.0]}
+    cfg["init_lang_from_bert"] = bool(options.get("init_lang_from_bert", False))
+
+
+_build = family_builder(_configure, extras=("bert_layers_per_stage", "learnable_temperature", "init_lang_from_bert"))
+
+
+def config_from_fixture(fx: Mapping[str, Any]) -> dict:
+    """CrossVLT fixtures have their own schema: ``segmodel_kwargs`` / ``swin`` sizes, four
+    ``bert_stage_configs`` (with ``vision_dim``), ``bert_layers_per_stage`` and ``decoder``."""
+    kw = {**fx.get("swin", {}), **fx.get("segmodel_kwargs", {})}
+    if kw.get("ape"):
+        raise ValueError("fixture uses an absolute position embedding (ape=True), which CrossVLT never does")
+    stage_cfgs = [dict(c) for c in fx["bert_stage_configs"]]
+    layers = [int(n) for n in (fx.get("bert_layers_per_stage") or [c["num_hidden_layers"] for c in stage_cfgs])]
+    if len(stage_cfgs) != 4 or len(layers) != 4:
+        raise ValueError(f"CrossVLT fixture needs 4 language stages, got {len(stage_cfgs)} configs / {len(layers)} counts")
+    if any(int(c.get("num_hidden_layers", n)) != n for c, n in zip(stage_cfgs, layers)):
+        raise ValueError(f"bert_layers_per_stage {layers} disagrees with the stage configs' num_hidden_layers")
+    overrides = {k: kw[k] for k in ("embed_dim", "depths", "num_heads", *SWIN_DEFAULTS) if k in kw}
+    cfg = _build("crossvlt", window_size=int(kw["window_size"]), bert=stage_cfgs[0], swin_overrides=overrides,
+                 img_size=int(fx.get("img_size", [480])[0]), bert_layers_per_stage=layers)
+    cfg["bert_stage_configs"] = [dict(bert_config_dict(c), num_hidden_layers=n) for c, n in zip(stage_cfgs, layers)]
+    e = cfg["swin"]["embed_dim"]
+    for k, c in enumerate(stage_cfgs[1:], start=1):
+        if "vision_dim" in c and int(c["vision_dim"]) != e * 2 ** k:
+            raise ValueError(f"language stage {k + 1} vision_dim {c['vision_dim']} != width {e * 2 ** k} of vision stage {k}")
+    dec = fx.get("decoder", {})
+    if "c4_dims" in dec:
+        cfg["decoder"] = {"c4_dims": int(dec["c4_dims"]), "factor": int(dec.get("factor", 2))}
+    return cfg
+
+
+SPEC = ModelSpec(
+    target="lib.crossvlt:CrossVLT", build_config=_build, config_from_fixture=config_from_fixture,
+    # 2 GPUs x 6 per GPU, 21 tokens, seed 12345; validation on all sentences of every ref.
+    recipes={"*": Recipe(lr=3e-5, epochs=40, batch_size=6, max_tokens=21, seed=12345)},
+    sync_bn=True, val_protocol="all", inputs=("image", "text", "l_mask"),
+    train_inputs=("image", "text", "l_mask", "target"),
+    pretrained_missing=(r"backbone\.\d+\.layers\.(?!blocks\.|downsample\.)", r"backbone\.\d+\.norm\d+\.",
+                        r"lang_stage[234]\.", r"lang_stage1\.encoder\.proj\.", r"classifier\."),
+    tiny={**TINY_OPTIONS, "bert_layers_per_stage": [1, 1, 1, 1]})

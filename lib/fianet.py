@@ -15,13 +15,16 @@ in eval it gives the same numbers as three calls.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from lib.fusion import OPAB, PWAM, SpatialImageLanguageAttention, tanh_gate
-from lib.lavt import LAVTOne, fusion_stage_kwargs, swin_kwargs
+from lib.lavt import (SWIN_FAMILY_PRETRAINED_MISSING, TINY_OPTIONS, LAVTOne, family_builder,
+                      family_config_from_fixture, fusion_stage_kwargs, swin_kwargs)
+from lib.losses import ce_dice_loss_terms
+from lib.spec import ModelSpec, Recipe, TextSide
 from lib.multiscale import PyramidNeck
 from lib.swin import MultiModalStage, MultiModalSwin
 
@@ -93,7 +96,7 @@ class FIANetBackbone(MultiModalSwin):
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.tmem = PyramidNeck(tmem_channels, num_tmem, lambda hidden: TMEMBlock(hidden, l_in, tmem_mlp_ratio))
-        self.set_fused_attention(self.fused_attn)  # the TMEM attention follows the same switch
+        self.set_fast_paths(self.fused_attn)  # the TMEM attention follows the same switch
 
     def forward(self, image, text, feats=None):
         outs = self.forward_stages(image, text, feats)
@@ -106,7 +109,6 @@ class FIANetBackbone(MultiModalSwin):
 class FIANet(LAVTOne):
     """FIANet (``lavt_one``-style, BERT inside). ``forward(image, text, l_mask, t_mask, p_mask)``."""
 
-    uses_word_masks = True
     stage_cls = FIANetStage
 
     def build_backbone(self, config: dict[str, Any]) -> MultiModalSwin:
@@ -133,3 +135,37 @@ class FIANet(LAVTOne):
             out[name] = h.permute(0, 2, 1)
             out[f"{name}_mask"] = m.unsqueeze(-1)
         return out
+
+    def loss(self, outputs: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``0.9 * weighted CE + 0.1 * Dice`` (paper section III-E), as two named terms."""
+        return ce_dice_loss_terms(self.logits(outputs), batch["target"])
+
+
+def _configure(cfg: dict, options: dict) -> None:
+    num_tmem = int(options.get("num_tmem", 1))
+    if num_tmem < 1:
+        raise ValueError(f"num_tmem must be >= 1, got {num_tmem}")
+    cfg["num_tmem"] = num_tmem
+    e = cfg["swin"]["embed_dim"]
+    cfg["tmem"] = {"channels": [e * 2 ** i for i in range(len(cfg["swin"]["depths"]))], "mlp_ratio": 2}
+
+
+def _from_fixture(fx: Mapping[str, Any], cfg: dict) -> None:
+    tmem = fx.get("tmem", {})
+    if "channels" in tmem:
+        cfg["tmem"]["channels"] = [int(c) for c in tmem["channels"]]
+    cfg["num_tmem"] = int(fx.get("num_tmem", tmem.get("num_blocks", cfg["num_tmem"])))
+
+
+_build = family_builder(_configure, extras=("num_tmem",))
+
+SPEC = ModelSpec(
+    target="lib.fianet:FIANet", build_config=_build,
+    config_from_fixture=lambda fx: family_config_from_fixture(fx, "fianet", _build, _from_fixture, ("num_tmem",)),
+    # The README's commands: RRSIS-D lr 3e-5 / 40 epochs / 22 tokens / 3 TMEM blocks; RefSegRS 5e-5 / 60 / 20 / 1.
+    recipes={"rrsisd": Recipe(lr=3e-5, epochs=40, batch_size=8, max_tokens=22, options={"num_tmem": 3}),
+             "refsegrs": Recipe(lr=5e-5, epochs=60, batch_size=8, max_tokens=20, options={"num_tmem": 1}),
+             "*": Recipe(lr=5e-5, epochs=60, batch_size=8, max_tokens=20, options={"num_tmem": 1})},
+    sync_bn=False,  # trained on one GPU with plain BatchNorm
+    val_protocol="one-per-ref", inputs=("image", "text", "l_mask", "t_mask", "p_mask"),
+    text=TextSide("bert", word_masks=True), pretrained_missing=SWIN_FAMILY_PRETRAINED_MISSING, tiny=TINY_OPTIONS)

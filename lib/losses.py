@@ -1,6 +1,7 @@
-"""Segmentation losses of the LAVT family (lavt.md, fianet.md §6).
+"""Segmentation loss terms of the LAVT family; each model's ``loss`` composes them.
 
-* LAVT (and CrossVLT's segmentation term): class-weighted cross-entropy, weights [0.9, 1.1].
+* LAVT (Yang et al., CVPR 2022, section 3.5; and CrossVLT's segmentation term): class-weighted
+  cross-entropy, weights [0.9, 1.1].
 * FIANet / RMSIN: ``0.9 * CE_w + 0.1 * Dice`` where Dice is computed on the softmax
   probabilities against the one-hot target for BOTH classes, ``1 - (2 I + 1e-6) / (U + 1e-6)``
   per sample and class, SUMMED over batch and classes (so it grows with the batch size).
@@ -10,15 +11,11 @@ Losses are always computed in float32 (autocast disabled inside), on full-resolu
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 CLASS_WEIGHTS = (0.9, 1.1)
 DICE_EPS = 1e-6
-
-Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -38,28 +35,12 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (1 - (2 * inter + DICE_EPS) / (union + DICE_EPS)).sum()
 
 
+def ce_dice_loss_terms(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """FIANet / RMSIN loss as named, weighted terms: ``{'ce': 0.9 * weighted CE, 'dice': 0.1 * Dice}``."""
+    return {"ce": 0.9 * weighted_cross_entropy(logits, target), "dice": 0.1 * dice_loss(logits, target)}
+
+
 def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """FIANet / RMSIN loss: ``0.9 * weighted CE + 0.1 * Dice``."""
-    return 0.9 * weighted_cross_entropy(logits, target) + 0.1 * dice_loss(logits, target)
-
-
-def crossvlt_segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """CrossVLT's segmentation term ``2 * weighted CE`` (crossvlt.md §4); the model adds the
-    alignment loss itself when given the target."""
-    return 2.0 * weighted_cross_entropy(logits, target)
-
-
-_CRITERIA: dict[str, Criterion] = {
-    "lavt": weighted_cross_entropy,
-    "lavt_one": weighted_cross_entropy,
-    "fianet": ce_dice_loss,
-    "rmsin": ce_dice_loss,
-    "crossvlt": crossvlt_segmentation_loss,
-}
-
-
-def build_criterion(model_name: str) -> Criterion:
-    """``criterion(logits, target) -> scalar`` for a registered model name."""
-    if model_name not in _CRITERIA:
-        raise ValueError(f"no loss defined for model {model_name!r}; known: {', '.join(_CRITERIA)}")
-    return _CRITERIA[model_name]
+    terms = ce_dice_loss_terms(logits, target)
+    return terms["ce"] + terms["dice"]

@@ -17,7 +17,7 @@
 
 Sizes the original hard-codes for 480 px input with Swin-B (15x15 last grid, 225 / 314
 attention tokens, ``proj = Linear(314, 225)``, channels [128, 256, 512, 1024]) are derived here
-from the configured image size and widths (`last_stage_grid`, `CrossScaleAttention`), so the
+from the configured image size and widths (`stage_grids`, `CrossScaleAttention`), so the
 model builds at any input size; at 480 px they equal the original's. The model runs at the
 image size it was built for (the token-mixing ``proj`` layer fixes the grid).
 
@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from lib.arc import AdaptiveRotatedConv2d
 from lib.decoder import SimpleDecoding
-from lib.lavt import LAVTOne, LAVTStage, fusion_stage_kwargs, swin_kwargs
+from lib.lavt import (SWIN_FAMILY_PRETRAINED_MISSING, TINY_OPTIONS, LAVTOne, LAVTStage, family_builder,
+                      family_config_from_fixture, fusion_stage_kwargs, swin_kwargs)
+from lib.losses import ce_dice_loss_terms
+from lib.spec import ModelSpec, Recipe
 from lib.layers import tanh_gate
 from lib.multiscale import PyramidNeck
 from lib.swin import MultiModalStage, MultiModalSwin
@@ -62,10 +65,6 @@ def stage_grids(img_size: int | Sequence[int], patch_size: int = 4, num_stages: 
         grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
         grids.append(grid)
     return grids
-
-
-def last_stage_grid(img_size: int | Sequence[int], patch_size: int = 4, num_stages: int = 4) -> Grid:
-    return stage_grids(img_size, patch_size, num_stages)[-1]
 
 
 def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
@@ -375,3 +374,41 @@ class RMSIN(LAVTOne):
         dec = config["decoder"]
         return build_arc_decoder(dec["c4_dims"], dec.get("factor", 2), self._grids(config),
                                  config.get("arc", {}).get("kernel_number", 1))
+
+    def loss(self, outputs: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``0.9 * weighted CE + 0.1 * Dice``, as two named terms."""
+        return ce_dice_loss_terms(self.logits(outputs), batch["target"])
+
+
+def _configure(cfg: dict, options: dict) -> None:
+    # CIM over the stage widths; the attention head layout is fixed in the original.
+    # Grid and token counts are derived from cfg["img_size"] (`stage_grids`).
+    e = cfg["swin"]["embed_dim"]
+    cfg["cim"] = {"channels": [e * 2 ** i for i in range(len(cfg["swin"]["depths"]))], "num_blocks": 1,
+                  "mlp_ratio": 2, "key_dim": 32, "num_heads": 8, "attn_ratio": 2}
+    cfg["arc"] = {"kernel_number": 1}
+
+
+def _from_fixture(fx: Mapping[str, Any], cfg: dict) -> None:
+    cim = fx.get("cim", {})
+    if "channels" in cim:
+        cfg["cim"]["channels"] = [int(c) for c in cim["channels"]]
+    cfg["cim"]["num_blocks"] = int(cim.get("num_layers", cfg["cim"]["num_blocks"]))
+    csa = cim.get("CrossScaleAttention", {})
+    for key in ("key_dim", "num_heads", "attn_ratio"):
+        if key in csa:
+            cfg["cim"][key] = int(csa[key])
+    size = fx.get("img_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and int(size[0]) != int(size[1]):
+        cfg["img_size"] = [int(size[0]), int(size[1])]
+
+
+_build = family_builder(_configure)
+
+SPEC = ModelSpec(
+    target="lib.rmsin:RMSIN", build_config=_build,
+    config_from_fixture=lambda fx: family_config_from_fixture(fx, "rmsin", _build, _from_fixture),
+    # 4 GPUs x batch 2 with SyncBatchNorm (the README passes no batch size: the default 2 per GPU).
+    recipes={"*": Recipe(lr=3e-5, epochs=40, batch_size=2, max_tokens=20)},
+    sync_bn=True, val_protocol="one-per-ref", pretrained_missing=SWIN_FAMILY_PRETRAINED_MISSING,
+    tiny=TINY_OPTIONS)

@@ -91,7 +91,8 @@ class ModelSpec:
     validation. ``inputs`` / ``train_inputs``: batch keys the forward takes in eval / training.
     ``mean`` / ``std``: image normalisation. ``pretrained_missing``: regexes of the model keys
     expected to stay missing when the ImageNet backbone / language weights are loaded; any other
-    missing key is an error.
+    missing key is an error. ``tiny``: ``build_config`` options of a seconds-on-a-CPU model (tests,
+    quick starts, ``bench --setting tiny``).
     """
 
     target: str
@@ -107,6 +108,7 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     pretrained_missing: tuple[str, ...] = ()
     default_img_size: int = 480
+    tiny: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.val_protocol not in VAL_PROTOCOLS:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lib.checkpoint as ckpt_mod
 from lib.checkpoint import (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, extract_state_dict,
-                            load_model_state, load_our_checkpoint, load_swin_pretrained, safe_torch_load,
+                            load_model_state, load_swin_pretrained, safe_torch_load,
                             save_checkpoint, split_lavt_checkpoint)
 from lib.registry import build_model, tiny_model_config
 
@@ -203,19 +203,23 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_our_checkpoint_roundtrip(tmp_path):
+    """Our checkpoint rebuilds its model from the stored config through the loader test.py uses."""
+    import engine
+
     model = _tiny("fianet").eval()
     path = tmp_path / "model_best.pth"
     save_checkpoint(path, {"model": model.state_dict(), "config": model.config, "epoch": 5})
-    loaded, ck = load_our_checkpoint(path)
-    assert ck["epoch"] == 5 and loaded.config == model.config and not loaded.training
+    ck = engine.read_checkpoint(str(path))
+    loaded = engine.model_from_checkpoint(ck, str(path)).eval()
+    assert ck["epoch"] == 5 and loaded.config == model.config
     img = torch.randn(1, 3, 40, 40)
     ids = torch.randint(1, 100, (1, 8))
     m = torch.ones_like(ids)
     with torch.no_grad():
         assert torch.equal(model(img, ids, m, m, m), loaded(img, ids, m, m, m))
     torch.save({"model": model.state_dict()}, tmp_path / "noconfig.pth")
-    with pytest.raises(CheckpointError, match="no 'config'"):
-        load_our_checkpoint(tmp_path / "noconfig.pth")
+    with pytest.raises(engine.UserError, match="no config inside"):
+        engine.model_from_checkpoint(engine.read_checkpoint(str(tmp_path / "noconfig.pth")), "noconfig.pth")
 
 
 def test_load_pretrained_bert_folder_into_text_encoder(tmp_path):

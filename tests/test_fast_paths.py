@@ -37,7 +37,7 @@ def test_channels_last_decoder_equals_plain_path(name, size):
     torch.manual_seed(0)
     model = build_model(tiny_model_config(name, img_size=size))
     inputs = _inputs(model.config, size)
-    if not model.uses_word_masks:
+    if not model.spec.text.word_masks:
         inputs = inputs[:3]
     target = torch.randint(0, 2, (2, size, size), generator=torch.Generator().manual_seed(2))
 
@@ -82,7 +82,7 @@ def test_channels_last_defaults():
     cfg["fused_attn"] = False  # the reference op order keeps the plain layout too
     model = build_model(cfg)
     assert model.classifier.channels_last is False
-    model.set_fused_attention(True)
+    model.set_fast_paths(True)
     assert model.classifier.channels_last is True
     with pytest.raises(ValueError, match="channels_last"):
         model.set_channels_last("yes")

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.losses import build_criterion, ce_dice_loss, dice_loss, weighted_cross_entropy
+from lib.losses import ce_dice_loss, dice_loss, weighted_cross_entropy
+from lib.registry import model_spec
 from lib.registry import (SWIN_TYPES, UnknownModelError, available_models, build_model, model_config,
                           tiny_model_config)
 
@@ -63,7 +64,7 @@ def test_model_config_reference_defaults():
 def test_build_and_forward_each_model(name):
     model = _model(name).eval()
     assert model.config["model"] == name
-    assert model.uses_word_masks == (name == "fianet")
+    assert model.spec.text.word_masks == (name == "fianet")
     with torch.no_grad():
         out = model(*_inputs())
     assert out.shape == (2, 2, 48, 48) and torch.isfinite(out).all()
@@ -99,7 +100,7 @@ def _train_step(model, name):
     img, ids, lm, tm, pm = _inputs()
     out = model(img, ids, lm, tm, pm)
     target = torch.randint(0, 2, (2, 48, 48), generator=torch.Generator().manual_seed(1))
-    build_criterion(name)(out, target).backward()
+    sum(model.loss(out, {"target": target}).values()).backward()
 
 
 @pytest.mark.parametrize("name,n_unused", [("lavt_one", 2), ("fianet", 29)])
@@ -166,7 +167,7 @@ def test_fused_attention_model_equals_plain():
     x = _inputs(h=100, w=120)
     with torch.no_grad():
         a = model(*x)
-        model.set_fused_attention(False)
+        model.set_fast_paths(False)
         b = model(*x)
     assert (a - b).abs().max() < 1e-5
 
@@ -203,7 +204,7 @@ def test_autocast_bf16_training_step():
     img, ids, lm, tm, pm = _inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(img, ids, lm, tm, pm)
-        loss = build_criterion("fianet")(out, torch.zeros(2, 48, 48, dtype=torch.long))
+        loss = sum(model.loss(out, {"target": torch.zeros(2, 48, 48, dtype=torch.long)}).values())
     assert loss.dtype == torch.float32
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -217,7 +218,8 @@ def test_weighted_ce_by_hand():
     nll1 = -torch.log_softmax(torch.tensor([-1.0, 1.0]), 0)[1]
     expect = (0.9 * nll0 + 1.1 * nll1) / (0.9 + 1.1)
     assert torch.allclose(weighted_cross_entropy(logits, target), expect)
-    assert build_criterion("lavt") is weighted_cross_entropy
+    model = _model("lavt")
+    assert model.loss(logits, {"target": target}) == {"ce": weighted_cross_entropy(logits, target)}
 
 
 def test_dice_sums_over_batch_and_classes():
@@ -229,9 +231,10 @@ def test_dice_sums_over_batch_and_classes():
     assert torch.allclose(dice_loss(logits, target), torch.tensor(6 * per))
     total = ce_dice_loss(logits, target)
     assert torch.allclose(total, 0.9 * weighted_cross_entropy(logits, target) + 0.1 * torch.tensor(6 * per))
-    assert build_criterion("fianet") is ce_dice_loss
-    with pytest.raises(ValueError):
-        build_criterion("nope")
+    terms = _model("fianet").loss(logits, {"target": target})  # the model's named terms
+    assert set(terms) == {"ce", "dice"} and torch.allclose(terms["ce"] + terms["dice"], total)
+    with pytest.raises(ValueError, match="unknown model"):
+        model_spec("nope")
 
 
 @pytest.mark.parametrize("name,kw,entries,params", [

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from lib.arc import AdaptiveRotatedConv2d, rotate_kernels, rotation_matrix
 from lib.checkpoint import extract_state_dict, load_model_state
-from lib.losses import build_criterion, dice_loss, weighted_cross_entropy
-from lib.registry import build_model, config_from_fixture, model_config, tiny_model_config
+from lib.losses import ce_dice_loss, dice_loss, weighted_cross_entropy
+from lib.registry import build_model, config_from_fixture, model_config, model_spec, tiny_model_config
 from lib.rmsin import RMSIN, stage_grids
 from tools.check_reference import check_fixture
 
@@ -98,7 +98,7 @@ def test_model_config_defaults():
                           "num_heads": 8, "attn_ratio": 2}
     assert cfg["arc"] == {"kernel_number": 1}
     assert stage_grids(cfg["img_size"])[-1] == (15, 15)
-    assert build_criterion("rmsin") is build_criterion("fianet")
+    assert model_spec("rmsin").recipe("rrsisd").lr == 3e-5
     # building the full Swin-B model takes seconds and a GB; build it with tiny widths instead
     small = model_config("rmsin", swin_overrides={"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
                          window_size=7, img_size=64, bert=cfg["bert"])
@@ -110,7 +110,7 @@ def test_loss_is_ce_plus_dice():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 2, 8, 8, generator=g)
     target = torch.randint(0, 2, (2, 8, 8), generator=g)
-    loss = build_criterion("rmsin")(logits, target)
+    loss = ce_dice_loss(logits, target)
     expected = 0.9 * weighted_cross_entropy(logits, target) + 0.1 * dice_loss(logits, target)
     assert torch.allclose(loss, expected)
     # Dice by hand: softmax, one-hot of both classes, summed over batch and classes
@@ -147,7 +147,7 @@ def test_training_step_gradients():
     image, text, l_mask = _inputs(2, 96, cfg["bert"]["vocab_size"])
     target = torch.zeros(2, 96, 96, dtype=torch.long)
     target[:, 20:60, 30:70] = 1
-    loss = build_criterion("rmsin")(model(image, text, l_mask), target)
+    loss = sum(model.loss(model(image, text, l_mask), {"target": target}).values())
     loss.backward()
     params = dict(model.named_parameters())
     no_grad = sorted(n for n, p in params.items() if p.grad is None)

@@ -73,19 +73,19 @@ def _flatten_features(feats: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _forward_args(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    args = [inputs["image"].float(), inputs["text"], inputs["l_mask"]]
-    if getattr(model, "uses_word_masks", False):
-        if "t_mask" not in inputs or "p_mask" not in inputs:
-            raise FixtureError("model needs t_mask/p_mask but the fixture inputs lack them")
-        args += [inputs["t_mask"], inputs["p_mask"]]
-    return args
+def _forward_args(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fixture inputs the model's forward takes (its spec's ``inputs``), images in float32."""
+    keys = model.spec.inputs
+    missing = [k for k in keys if k not in inputs]
+    if missing:
+        raise FixtureError(f"the model's forward takes {', '.join(missing)}, which the fixture inputs lack")
+    return {k: inputs[k].float() if k == "image" else inputs[k] for k in keys}
 
 
-def _run(model: torch.nn.Module, args: list[torch.Tensor]):
+def _run(model: torch.nn.Module, kwargs: dict[str, torch.Tensor]):
     model.eval()
     with torch.no_grad():
-        return model(*args, return_features=True)
+        return model(**kwargs, return_features=True)
 
 
 def check_fixture(path: str | Path, *, fused_attention: bool = True, print_fn: Callable[[str], None] = print) -> FixtureResult:
