@@ -38,6 +38,20 @@ from torch.utils.checkpoint import checkpoint
 
 from lib.layers import DropPath, Mlp, init_backbone_weights, trunc_normal_
 
+# Swin sizes by name (Liu et al., ICCV 2021, Table 1 / section 3.3) and the fixed builder
+# hyper-parameters of the LAVT family (Yang et al., CVPR 2022, section 4.1).
+SWIN_TYPES: dict[str, dict[str, Any]] = {
+    "tiny": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24]},
+    "small": {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24]},
+    "base": {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32]},
+    "large": {"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48]},
+}
+SWIN_DEFAULTS: dict[str, Any] = {
+    "mlp_ratio": 4.0, "qkv_bias": True, "qk_scale": None, "drop_rate": 0.0, "attn_drop_rate": 0.0,
+    "drop_path_rate": 0.3, "patch_size": 4, "in_chans": 3, "patch_norm": True,
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Patch embedding and merging
 # --------------------------------------------------------------------------------------------
