@@ -46,7 +46,7 @@ def as_shape_list(spatial_shapes: SpatialShapes | torch.Tensor) -> list[tuple[in
 
 
 def _check(value: torch.Tensor, shapes: list[tuple[int, int]], loc: torch.Tensor, weights: torch.Tensor) -> None:
-    b, s, m, _ = value.shape
+    _, s, m, _ = value.shape
     if s != sum(h * w for h, w in shapes):
         raise ValueError(f"value has {s} positions but the spatial shapes {shapes} hold {sum(h * w for h, w in shapes)}")
     if loc.dim() != 6 or loc.shape[-1] != 2 or loc.shape[3] != len(shapes) or loc.shape[2] != m:
@@ -87,7 +87,7 @@ def ms_deform_attn_naive(value: torch.Tensor, spatial_shapes: SpatialShapes | to
     shapes = as_shape_list(spatial_shapes)
     _check(value, shapes, sampling_locations, attention_weights)
     b, _, m, d = value.shape
-    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    _, lq, _, _, n_points, _ = sampling_locations.shape
     starts = [0]
     for h, w in shapes:
         starts.append(starts[-1] + h * w)
