@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bert.text_encoder import bert_config_dict, build_text_encoder
-from lib.deformable import MSDeformAttn, flatten_levels, level_reference_points, sine_position_encoding
+from lib.deformable import (
+    MSDeformAttn,
+    flatten_levels,
+    level_reference_points,
+    sine_position_encoding,
+)
 from lib.fusion import instance_norm_tokens, pointwise, tanh_gate
 from lib.spec import ModelSpec, Recipe, TextSide
 from lib.swin import SWIN_DEFAULTS, SWIN_TYPES, MultiModalStage, MultiModalSwin

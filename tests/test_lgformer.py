@@ -8,7 +8,12 @@ import importlib.util
 import pytest
 import torch
 
-from lib.checkpoint import CheckpointMismatchError, extract_state_dict, load_model_state, safe_torch_load
+from lib.checkpoint import (
+    CheckpointMismatchError,
+    extract_state_dict,
+    load_model_state,
+    safe_torch_load,
+)
 from lib.lgformer import SPEC, LGFormer, build_config
 
 TINY_BERT = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
