@@ -476,7 +476,7 @@ def clip_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any
     text_width = sd["ln_final.weight"].shape[0]
     return dict(embed_dim=sd["text_projection"].shape[1], **vision,
                 context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                transformer_width=text_width, transformer_heads=text_width // 64,
+                transformer_width=text_width, transformer_heads=max(1, text_width // 64),
                 transformer_layers=blocks("transformer.resblocks."))
 
 
