@@ -229,3 +229,34 @@ def test_tokenizer_bad_vocab_file(tmp_path):
     (tmp_path / "bad.txt.gz").write_text("not gzip")
     with pytest.raises(ct.ClipTokenizerError, match="not a gzipped"):
         ct.load_tokenizer(tmp_path / "bad.txt.gz")
+
+
+@pytest.mark.parametrize("vision", [dict(layers=2, width=64, patch_size=16, image_size=32, head_width=64),
+                                    dict(layers=[1, 2, 1, 1], width=8, image_size=64, head_width=64)],
+                         ids=["vit", "resnet"])
+def test_open_clip_checkpoint_loads_and_matches_open_clip(tmp_path, vision):
+    """A tiny open_clip model (QuickGELU, OpenAI layout), saved as open_clip's training saves it
+    (``{'epoch', 'state_dict'}`` with ``module.``), loads strictly into our CLIP built from the
+    file's shapes, and both towers give open_clip's embeddings."""
+    from open_clip.model import CLIP as OpenClipCLIP
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(4)
+    oc = OpenClipCLIP(embed_dim=24, vision_cfg=CLIPVisionCfg(**vision), quick_gelu=True,
+                      text_cfg=CLIPTextCfg(context_length=16, vocab_size=50, width=64, heads=1, layers=2))
+    with torch.no_grad():
+        for m in oc.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_var.uniform_(0.5, 1.5)
+    oc.eval()
+    path = tmp_path / "open_clip_epoch_1.pt"
+    torch.save({"epoch": 1, "name": "tiny", "state_dict": {f"module.{k}": v for k, v in oc.state_dict().items()}}, path)
+    sd = load_clip_state_dict(path)
+    ours = CLIP(clip_config_from_state_dict(sd)).eval()
+    assert load_clip_weights(ours, path).ok
+    img = torch.randn(2, 3, vision["image_size"], vision["image_size"])
+    ids = _ids(2, 16, [7, None])
+    with torch.no_grad():
+        assert torch.allclose(ours.encode_image(img), oc.encode_image(img), atol=1e-5)
+        assert torch.allclose(ours.encode_text(ids)[1], oc.encode_text(ids), atol=1e-5)
