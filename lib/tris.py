@@ -7,7 +7,9 @@ Stage 1, `TRISStage1` (localisation, weakly supervised by text only, paper §3.1
     image --CLIP ResNet--> c4 (B, 32w, h, w) --vis_project--> (B, D, h, w) -> tokens (B, hw, D)
     both L2-normalised; bilateral prompt: V += 0.1 new_vis, T += 0.1 new_lan (not re-normalised)
     score = exp(logit_scale) * V T^T (B, hw, B): image i against EVERY sentence j of the batch
-    eval  -> ReLU(own-pair map score[i, :, i]) upsampled to the input (bilinear, align_corners=False)
+    eval  -> ReLU(own-pair map score[i, :, i]) upsampled to the input (bilinear, align_corners=False);
+             by default each image is paired with its own sentence only (the reference evaluates
+             one image and one sentence at a time), see ``eval_pairing``
     train -> per pair j: mean + max of the map + (1 - p)^3 log(0.01 + p), p = spatial mean of the
              softmax over [constant background map 1, the B pair maps]; background column dropped
 
@@ -204,10 +206,16 @@ class _TRISBase(nn.Module):
 class TRISStage1(_TRISBase):
     """TRIS stage 1. ``forward(image (B, 3, H, W), text (B, T) CLIP ids, return_features=False)``.
 
-    Eval: the ReLU'd own-pair response map ``(B, 1, H, W)``. Training: a dict with ``cls``
+    Eval: the ReLU'd own-pair response map ``(B, 1, H, W)``. The bilateral prompt's softmax runs
+    over the sentences paired with an image, so the map depends on which sentences share the
+    batch. ``eval_pairing='own'`` (default) pairs each image with its own sentence only: every
+    sample then gets exactly what the reference's evaluation and PRMS compute (batch size 1),
+    whatever the batch. ``'batch'`` pairs it with all B sentences, as the training forward does
+    (the reference fixtures' eval outputs were made so). Training: a dict with ``cls``
     ``(B, B)``, ``cls_fg`` ``(B,)``, ``relu_map`` / ``sigmoid_map`` / ``map`` ``(B, 1, H, W)`` and
     ``logit_scale_exp``. Config: ``clip``, ``hidden_dim``, ``text_dim`` (= CLIP ``embed_dim``),
-    ``bilateral_prompt``, ``prompt_weight``, ``focal_p``, ``focal_lambda``, ``loss_weights``.
+    ``bilateral_prompt``, ``prompt_weight``, ``focal_p``, ``focal_lambda``, ``loss_weights``,
+    ``eval_pairing``.
     """
 
     stage = 1
@@ -221,6 +229,9 @@ class TRISStage1(_TRISBase):
         self.lan_project = nn.Linear(int(config["text_dim"]), d)
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
         self.attn_fusion = BilateralPrompt(d) if config.get("bilateral_prompt", True) else None
+        self.eval_pairing = str(config.get("eval_pairing", "own"))
+        if self.eval_pairing not in ("own", "batch"):
+            raise ValueError(f"eval_pairing must be 'own' or 'batch', got {self.eval_pairing!r}")
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, return_features: bool = False):
         feats: dict[str, torch.Tensor] | None = {} if return_features else None
@@ -236,7 +247,10 @@ class TRISStage1(_TRISBase):
             feats["lan_project"], feats["vis_project"] = lan, vis
         h, w = vis.shape[-2:]
         vis_tok = vis.flatten(2).transpose(1, 2)              # (B, hw, D)
-        lan = lan.unsqueeze(0).repeat(b, 1, 1)                # (B images, B sentences, D)
+        # Training (and the "batch" pairing) scores image i against all B sentences; the "own"
+        # pairing gives each image only its own sentence, i.e. the reference's batch-1 evaluation.
+        pair_all = self.training or self.eval_pairing == "batch"
+        lan = lan.unsqueeze(0).repeat(b, 1, 1) if pair_all else lan.unsqueeze(1)  # (B, B or 1, D)
         vis_tok = vis_tok / vis_tok.norm(dim=-1, keepdim=True)
         lan = lan / lan.norm(dim=-1, keepdim=True)
         if self.attn_fusion is not None:
@@ -251,7 +265,10 @@ class TRISStage1(_TRISBase):
             feats["score_cosine"] = cosine
         scale = self.logit_scale.exp()
         score = scale * cosine
-        own = torch.diagonal(score, dim1=0, dim2=2).transpose(0, 1).reshape(b, 1, h, w)  # score[i, :, i]
+        if pair_all:  # score[i, :, i]
+            own = torch.diagonal(score, dim1=0, dim2=2).transpose(0, 1).reshape(b, 1, h, w)
+        else:
+            own = score.transpose(1, 2).reshape(b, 1, h, w)
         seg = _upsample(own, image.shape[-2:])
         if not self.training:
             out: Any = F.relu(seg)
@@ -455,7 +472,8 @@ def build_config(name: str, stage: int | None = None, **options: Any) -> dict[st
                            "clip_allow_torchscript": bool(options.get("clip_allow_torchscript", False))}
     if stage == 1:
         cfg.update(text_dim=clip["embed_dim"], hidden_dim=int(options.get("hidden_dim") or 1024), bilateral_prompt=True,
-                   prompt_weight=PROMPT_WEIGHT, focal_p=3.0, focal_lambda=0.01, loss_weights={"cls": STAGE1_LOSS_WEIGHT})
+                   prompt_weight=PROMPT_WEIGHT, focal_p=3.0, focal_lambda=0.01, loss_weights={"cls": STAGE1_LOSS_WEIGHT},
+                   eval_pairing="own")
     elif stage == 2:
         w = clip["vision_width"]
         cfg.update(text_dim=clip["transformer_width"], v_chans=[w * 4, w * 8, w * 16, w * 32],
@@ -483,7 +501,8 @@ def config_from_fixture(fx: Mapping[str, Any], stage: int = 1) -> dict[str, Any]
         cfg.update(text_dim=int(hard.get("textdim", clip["embed_dim"])), hidden_dim=int(args["hidden_dim"]),
                    bilateral_prompt=float(args.get("attn_multi", 0.1)) > 0,
                    prompt_weight=float(hard.get("bilateral_prompt_add_weight", PROMPT_WEIGHT)),
-                   focal_p=float(args.get("FOCAL_P", 3.0)), focal_lambda=float(args.get("FOCAL_LAMBDA", 0.01)))
+                   focal_p=float(args.get("FOCAL_P", 3.0)), focal_lambda=float(args.get("FOCAL_LAMBDA", 0.01)),
+                   eval_pairing="batch")  # the fixture's eval forward ran the whole batch together
     else:
         cfg.update(text_dim=int(hard.get("textdim", 512)))
         for ours, theirs in (("v_chans", "v_chans"), ("reduced", "reduced"), ("decoder", "outputs")):

@@ -198,3 +198,23 @@ def test_build_config_and_specs(tris_fixture):
     assert SPEC_STAGE1.unexpected_missing(["backbone.ln_final.weight"]) == ["backbone.ln_final.weight"]
     sd2 = tris_fixture["state_dict"]["stage2"]
     assert not SPEC_STAGE2.unexpected_missing([k for k in sd2 if not k.startswith("backbone.")])
+
+
+def test_stage1_own_pairing_equals_batch_of_one(tris_fixture):
+    """Default evaluation pairs each image with its own sentence: every sample gets the map the
+    reference's batch-1 evaluation computes, independent of the rest of the batch."""
+    fx = tris_fixture
+    image, text = _inputs(fx)
+    model = _loaded(fx, "stage1").eval()
+    assert model.eval_pairing == "batch"  # the fixture config: the whole batch together
+    with torch.no_grad():
+        coupled = model(image, text)
+        singles = torch.cat([model(image[i:i + 1], text[i:i + 1]) for i in range(3)])
+        model.eval_pairing = "own"
+        own = model(image, text)
+        own_pair = model(image[:2], text[:2])
+    assert _diff(coupled, fx["outputs"]["stage1"]) <= 1e-4
+    assert torch.allclose(own, singles, atol=1e-5, rtol=0)
+    assert torch.allclose(own_pair, own[:2], atol=1e-5, rtol=0)  # the batch's content does not matter
+    assert _diff(own, coupled) > 1e-3  # and it is not the coupled map
+    assert build_config("tris_stage1")["eval_pairing"] == "own"
