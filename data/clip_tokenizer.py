@@ -13,6 +13,10 @@ token (49406 > every BPE id): the sentence embedding of a truncated sentence is 
 the same for every truncated sentence (the word states still differ). This is the reference's
 behaviour and is kept; ``encode_many`` reports the untruncated lengths so a dataset check can
 count such sentences. The word mask (id > 0) is returned for completeness; TRIS uses no mask.
+
+open_clip's tokenizer gives OpenAI's ids (checked against the reference's tokenizer, non-ASCII
+text included). One corner case differs: the literal strings ``<|startoftext|>`` /
+``<|endoftext|>`` inside a sentence are special tokens only for OpenAI's tokenizer.
 """
 from __future__ import annotations
 
