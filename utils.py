@@ -400,7 +400,7 @@ def side_by_side(*pictures: np.ndarray, gap: int = 4) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation at the original resolution and point metrics (TRIS, Liu et al., ICCV 2023, §4)
+# Evaluation at the original resolution and point metrics (TRIS, Liu et al., ICCV 2023, experiments: mIoU and PointM)
 # --------------------------------------------------------------------------------------------
 def resize_to_original(pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """A prediction map at the ground truth's ``size = (H, W)``: bilinear, align_corners=True.

@@ -1,7 +1,7 @@
 """TRIS: "Referring Image Segmentation Using Text Supervision" (Liu et al., ICCV 2023), its two
 networks on CLIP ResNet towers (`lib.clip`).
 
-Stage 1, `TRISStage1` (localisation, weakly supervised by text only, paper §3.1-3.2):
+Stage 1, `TRISStage1` (localisation, weakly supervised by text only; the method section of the paper):
 
     ids (B, 20) --CLIP text--> sentence embedding (B, E) --lan_project--> (B, D), repeated: (B, B, D)
     image --CLIP ResNet--> c4 (B, 32w, h, w) --vis_project--> (B, D, h, w) -> tokens (B, hw, D)
@@ -18,7 +18,7 @@ against the identity (each image's own sentence positive, the other B - 1 negati
 calibration terms with the frozen CLIP ViT-B/32 are added by the training pipeline, not here.
 ``logit_scale`` is TRIS's own (init ln(1/0.07)); the reference never optimises it.
 
-Stage 2, `TRISStage2` (segmentation trained on the pseudo masks, paper §3.4):
+Stage 2, `TRISStage2` (segmentation trained on the pseudo masks; the method section of the paper):
 
     ids --CLIP text--> word states (B, 20, 512) (all 20, padding included: no mask anywhere)
     image --CLIP ResNet--> c1..c4; c_k += PixelAttention(c_k, words) for k = 2, 3, 4
@@ -80,7 +80,7 @@ def _conv_in_relu(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
 
 
 class BilateralPrompt(nn.Module):
-    """The bilateral prompt (paper §3.2): cross-attention between the pixel tokens and the B
+    """The paper's bilateral prompt: cross-attention between the pixel tokens and the B
     sentence embeddings of the batch, in both directions.
 
     ``(vis (B, C, h, w), lan (B, N, C)) -> (new_vis (B, C, h, w), new_lan (B, N, C))``:
@@ -119,7 +119,7 @@ def focal_penalty(p: torch.Tensor, power: float = 3.0, offset: float = 0.01) -> 
 # Stage-2 modules
 # --------------------------------------------------------------------------------------------
 class PixelAttention(nn.Module):
-    """LAVT-style pixel-word attention (Yang et al., CVPR 2022, §3.2) as TRIS uses it, no padding mask.
+    """LAVT-style pixel-word attention (Yang et al., CVPR 2022, §3) as TRIS uses it, no padding mask.
 
     ``(vis (B, Ci, H, W), words (B, Ct, T)) -> (B, Ci, H, W)``: keys / values Conv1d Ct -> Ci of
     the words, query = IN(1x1(vis)); ``G = softmax_T(q k / sqrt(Ci)) v``; output
