@@ -397,3 +397,121 @@ def side_by_side(*pictures: np.ndarray, gap: int = 4) -> np.ndarray:
             parts.append(spacer)
         parts.append(pic)
     return np.concatenate(parts, axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation at the original resolution and point metrics (TRIS, Liu et al., ICCV 2023, experiments: mIoU and PointM)
+# --------------------------------------------------------------------------------------------
+def resize_to_original(pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A prediction map at the ground truth's ``size = (H, W)``: bilinear, align_corners=True.
+
+    ``pred``: (h, w), (B, h, w) or (B, C, h, w); returned in the same rank as float32 (unchanged
+    values when already at ``size``). This is TRIS's protocol: the network sees the image resized
+    to 320 x 320, the ground truth stays at the original resolution, the prediction is upsampled.
+    """
+    x = pred.float()
+    rank = x.dim()
+    if rank not in (2, 3, 4):
+        raise ValueError(f"prediction must be (h, w), (B, h, w) or (B, C, h, w), got shape {tuple(pred.shape)}")
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    lead = (1, 1) if rank == 2 else (x.shape[0], 1) if rank == 3 else tuple(x.shape[:2])
+    x4 = x.reshape(*lead, *x.shape[-2:])
+    out = torch.nn.functional.interpolate(x4, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
+    return out.reshape(*x.shape[:-2], *out.shape[-2:])
+
+
+def argmax_point(score: torch.Tensor) -> tuple[int, int]:
+    """``(row, col)`` of the maximum of an (H, W) map; ties go to the first in row-major order
+    (``np.argmax``), so an all-zero map gives (0, 0)."""
+    if score.dim() != 2:
+        raise ValueError(f"score map must be (H, W), got shape {tuple(score.shape)}")
+    idx = int(torch.argmax(score.reshape(-1)))
+    return idx // score.shape[1], idx % score.shape[1]
+
+
+def coco_box_to_xyxy(box: Sequence[float]) -> tuple[int, int, int, int]:
+    """A COCO ``[x, y, w, h]`` box as the TRIS loaders convert it: each value truncated to an
+    integer, then ``(x1, y1, x1 + w, y1 + h)`` (inclusive pixel bounds for `point_in_box`)."""
+    x, y, w, h = (int(v) for v in box)
+    return x, y, x + w, y + h
+
+
+def point_in_box(point: tuple[int, int], box: Sequence[float] | torch.Tensor) -> bool:
+    """Whether ``point = (row, col)`` lies in ``box = (x1, y1, x2, y2)`` (pixels, both ends
+    included), or in any row of a (K, 4) array of boxes."""
+    boxes = torch.as_tensor(box, dtype=torch.float64).reshape(-1, 4)
+    r, c = point
+    inside = (boxes[:, 0] <= c) & (c <= boxes[:, 2]) & (boxes[:, 1] <= r) & (r <= boxes[:, 3])
+    return bool(inside.any())
+
+
+def point_hits(score: torch.Tensor, box: Sequence[float] | torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> dict[str, bool | tuple[int, int]]:
+    """The point metrics of one (H, W) map at the ground truth's resolution.
+
+    ``hit``: its arg-max lies in the ground-truth box (TRIS's "Hit"); ``hit_mask``: it lies on the
+    ground-truth mask (``PointM`` / "HitM", the localisation metric the paper proposes). Entries
+    whose ground truth is not given are left out.
+    """
+    point = argmax_point(score)
+    out: dict[str, bool | tuple[int, int]] = {"point": point}
+    if box is not None:
+        out["hit"] = point_in_box(point, box)
+    if mask is not None:
+        if tuple(mask.shape) != tuple(score.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} != score shape {tuple(score.shape)}")
+        out["hit_mask"] = bool(mask[point])
+    return out
+
+
+class PointMetrics:
+    """Accumulates Hit (arg-max in the box) and PointM (arg-max in the mask) over samples, as
+    fractions in [0, 1]; ``all_reduce`` sums the counts over ranks."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        # [hits, boxes seen, mask hits, masks seen]
+        self._totals = torch.zeros(4, dtype=torch.float64, device=torch.device(device))
+
+    def update(self, score: torch.Tensor, box: Sequence[float] | torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> dict[str, bool | tuple[int, int]]:
+        """Add one (H, W) map; returns `point_hits` of it."""
+        res = point_hits(score, box, mask)
+        if "hit" in res:
+            self._totals[0] += float(res["hit"])
+            self._totals[1] += 1
+        if "hit_mask" in res:
+            self._totals[2] += float(res["hit_mask"])
+            self._totals[3] += 1
+        return res
+
+    def all_reduce(self) -> None:
+        if is_dist():
+            dist.all_reduce(self._totals)
+
+    def summary(self) -> dict[str, float | int]:
+        hits, boxes, mhits, masks = self._totals.tolist()
+        return {"Hit": hits / boxes if boxes else 0.0, "PointM": mhits / masks if masks else 0.0,
+                "num_points": int(max(boxes, masks))}
+
+
+def evaluate_at_original_resolution(pred: torch.Tensor, gt_mask: torch.Tensor,
+                                    box: Sequence[float] | torch.Tensor | None = None,
+                                    threshold: float = 0.0) -> dict[str, Any]:
+    """One sample evaluated as TRIS does: ``pred`` ((h, w) or (1, h, w) map at the network's input
+    size: a stage-1 response or stage-2 logits) is upsampled to ``gt_mask``'s (H, W) (bilinear,
+    align_corners=True); foreground = value > ``threshold`` (0: positive response / logit > 0,
+    i.e. sigmoid > 0.5). Returns ``mask`` (H, W) bool, ``inter``, ``union``, ``iou`` (0 for an
+    empty union) and the point metrics of the upsampled map (``point``, ``hit`` with a box,
+    ``hit_mask``)."""
+    if pred.dim() == 3:
+        if pred.shape[0] != 1:
+            raise ValueError(f"one sample at a time: got a prediction of shape {tuple(pred.shape)}")
+        pred = pred[0]
+    score = resize_to_original(pred, gt_mask.shape[-2:])
+    mask = score > threshold
+    inter, union = intersection_union(mask[None], gt_mask.bool()[None])
+    out: dict[str, Any] = {"mask": mask, "inter": int(inter[0]), "union": int(union[0]),
+                           "iou": float(sample_iou(inter, union)[0])}
+    out.update(point_hits(score, box, gt_mask.bool()))
+    return out

@@ -189,6 +189,9 @@ def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict
     `CheckpointMismatchError` and nothing is loaded. With ``strict=False`` the matching entries are
     loaded and the report is printed. Tensors are cast to the parameters' dtype (e.g. float16 files).
     """
+    check = getattr(model, "check_state_dict", None)
+    if callable(check):  # a model may refuse a file it can name the problem of (e.g. the other TRIS stage)
+        check(state)
     model_sd = model.state_dict()
     rep = _compare(model_sd, state)
     if strict and not rep.ok:

@@ -1,0 +1,546 @@
+"""TRIS: "Referring Image Segmentation Using Text Supervision" (Liu et al., ICCV 2023), its two
+networks on CLIP ResNet towers (`lib.clip`).
+
+Stage 1, `TRISStage1` (localisation, weakly supervised by text only; the method section of the paper):
+
+    ids (B, 20) --CLIP text--> sentence embedding (B, E) --lan_project--> (B, D), repeated: (B, B, D)
+    image --CLIP ResNet--> c4 (B, 32w, h, w) --vis_project--> (B, D, h, w) -> tokens (B, hw, D)
+    both L2-normalised; bilateral prompt: V += 0.1 new_vis, T += 0.1 new_lan (not re-normalised)
+    score = exp(logit_scale) * V T^T (B, hw, B): image i against EVERY sentence j of the batch
+    eval  -> ReLU(own-pair map score[i, :, i]) upsampled to the input (bilinear, align_corners=False);
+             by default each image is paired with its own sentence only (the reference evaluates
+             one image and one sentence at a time), see ``eval_pairing``
+    train -> per pair j: mean + max of the map + (1 - p)^3 log(0.01 + p), p = spatial mean of the
+             softmax over [constant background map 1, the B pair maps]; background column dropped
+
+The classification ("text as class") loss is the multilabel soft-margin loss of these (B, B) scores
+against the identity (each image's own sentence positive, the other B - 1 negative), weight 5. The
+calibration terms with the frozen CLIP ViT-B/32 are added by the training pipeline, not here.
+``logit_scale`` is TRIS's own (init ln(1/0.07)); the reference never optimises it.
+
+Stage 2, `TRISStage2` (segmentation trained on the pseudo masks; the method section of the paper):
+
+    ids --CLIP text--> word states (B, 20, 512) (all 20, padding included: no mask anywhere)
+    image --CLIP ResNet--> c1..c4; c_k += PixelAttention(c_k, words) for k = 2, 3, 4
+    ConvBNPReLU reductions, top-down decoder (bilinear, align_corners=False, to the skip size)
+    eval  -> final_seg1 logits (B, 1, H, W); train -> [final_seg1, final_seg2, final_seg3, final_seg4]
+
+Its loss is the sum of the four BCE-with-logits terms (deep supervision, weights 1).
+
+Decision rules (evaluation at the original resolution: the map is upsampled bilinearly with
+align_corners=True to the ground truth's size first): stage 1 foreground = positive response;
+stage 2 foreground = sigmoid > 0.5 (logit > 0). The reference divides every map by its maximum
+before thresholding, which turns an all-negative stage-2 map into an all-foreground mask; here
+stage 2 thresholds the sigmoid directly (a documented difference).
+
+A stage-2 checkpoint given to the stage-1 class (or vice versa) is refused with one line
+(`check_state_dict`); the reference loads either into either class with ``strict=False``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib.checkpoint import CheckpointMismatchError, LoadReport
+from lib.clip import CLIP, clip_config, load_clip_weights
+from lib.spec import ModelSpec, Recipe, TextSide
+
+__all__ = ["BilateralPrompt", "PixelAttention", "ConvBNPReLU", "TRISStage1", "TRISStage2", "SPEC_STAGE1",
+           "SPEC_STAGE2", "build_config", "config_from_fixture", "focal_penalty"]
+
+CONTEXT_LENGTH = 20         # CLIP tokens per sentence (the reference's --max_query_len)
+PROMPT_WEIGHT = 0.1         # the bilateral prompt's hard-coded residual weight
+STAGE1_LOSS_WEIGHT = 5.0    # --w4
+DEFAULT_IMG_SIZE = 320
+
+
+def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, 1, h, w) -> (B, H, W) float32, bilinear align_corners=True (the evaluation upsampling)."""
+    x = x.float()
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+    return x[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage-1 modules
+# --------------------------------------------------------------------------------------------
+def _conv_in_relu(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 1), nn.InstanceNorm2d(cout, affine=True)]
+    return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+
+
+class BilateralPrompt(nn.Module):
+    """The paper's bilateral prompt: cross-attention between the pixel tokens and the B
+    sentence embeddings of the batch, in both directions.
+
+    ``(vis (B, C, h, w), lan (B, N, C)) -> (new_vis (B, C, h, w), new_lan (B, N, C))``:
+    Q/K/V of the image are 1x1 conv -> affine InstanceNorm -> ReLU, of the text Linear -> ReLU;
+    ``new_vis = IN(conv(softmax_N(Qv Kt^T / sqrt(C)) Vt))``, ``new_lan = Linear(softmax_hw(Qt Kv /
+    sqrt(C)) Vv)``. Keys ``v_proj{1,2,3}``, ``t_proj{1,2,3}``, ``v_output``, ``t_output``.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        c = channels
+        self.v_proj1, self.v_proj2, self.v_proj3 = (_conv_in_relu(c, c) for _ in range(3))
+        self.t_proj1, self.t_proj2, self.t_proj3 = (nn.Sequential(nn.Linear(c, c), nn.ReLU()) for _ in range(3))
+        self.v_output = _conv_in_relu(c, c, relu=False)
+        self.t_output = nn.Sequential(nn.Linear(c, c))
+
+    def forward(self, vis: torch.Tensor, lan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = vis.shape
+        scale = math.sqrt(lan.shape[-1])
+        qv = self.v_proj1(vis).reshape(b, c, h * w).transpose(1, 2)   # (B, hw, C)
+        kv = self.v_proj2(vis).reshape(b, c, h * w)                   # (B, C, hw)
+        vv = self.v_proj3(vis).reshape(b, c, h * w).transpose(1, 2)   # (B, hw, C)
+        qt, kt, vt = self.t_proj1(lan), self.t_proj2(lan), self.t_proj3(lan)  # (B, N, C)
+        attn_v = F.softmax(qv.matmul(kt.transpose(1, 2)) / scale, dim=2)      # over the N sentences
+        attn_t = F.softmax(qt.matmul(kv) / scale, dim=2)                      # over the hw pixels
+        new_vis = attn_v.matmul(vt).permute(0, 2, 1).reshape(b, c, h, w)
+        return self.v_output(new_vis), self.t_output(attn_t.matmul(vv))
+
+
+def focal_penalty(p: torch.Tensor, power: float = 3.0, offset: float = 0.01) -> torch.Tensor:
+    """``(1 - p)^power * log(offset + p)``: pushes the mean foreground probability of a pair map up."""
+    return torch.pow(1 - p, power) * torch.log(offset + p)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage-2 modules
+# --------------------------------------------------------------------------------------------
+class PixelAttention(nn.Module):
+    """LAVT-style pixel-word attention (Yang et al., CVPR 2022, §3) as TRIS uses it, no padding mask.
+
+    ``(vis (B, Ci, H, W), words (B, Ct, T)) -> (B, Ci, H, W)``: keys / values Conv1d Ct -> Ci of
+    the words, query = IN(1x1(vis)); ``G = softmax_T(q k / sqrt(Ci)) v``; output
+    ``ReLU(Wo(ReLU(Wm(vis)) * IN(Ww(G))))``.
+    """
+
+    def __init__(self, visual_channels: int, language_channels: int):
+        super().__init__()
+        ci, ct = visual_channels, language_channels
+        self.Wk = nn.Conv1d(ct, ci, 1)
+        self.Wv = nn.Conv1d(ct, ci, 1)
+        self.Wq = nn.Conv2d(ci, ci, 1)
+        self.Wm = nn.Conv2d(ci, ci, 1)
+        self.Ww = nn.Conv2d(ci, ci, 1)
+        self.Wo = nn.Conv2d(ci, ci, 1)
+        self.ins_q = nn.InstanceNorm2d(ci, affine=True)
+        self.ins_w = nn.InstanceNorm2d(ci, affine=True)
+
+    def forward(self, vis: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        b, ci, h, w = vis.shape
+        keys, values = self.Wk(words), self.Wv(words)                          # (B, Ci, T)
+        query = self.ins_q(self.Wq(vis)).reshape(b, ci, h * w).permute(0, 2, 1)  # (B, HW, Ci)
+        attn = F.softmax(query.matmul(keys) / math.sqrt(ci), dim=2)             # (B, HW, T)
+        g = attn.matmul(values.permute(0, 2, 1)).permute(0, 2, 1).reshape(b, ci, h, w)
+        g = self.ins_w(self.Ww(g))
+        return F.relu(self.Wo(F.relu(self.Wm(vis)) * g))
+
+
+class ConvBNPReLU(nn.Module):
+    """3x3 conv (no bias) -> BatchNorm -> PReLU (one slope); keys ``conv``, ``bn``, ``relu``."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.PReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+def _seg_head(cin: int, mid: int) -> nn.Sequential:
+    return nn.Sequential(ConvBNPReLU(cin, mid), nn.Conv2d(mid, 1, 1, bias=False))
+
+
+# --------------------------------------------------------------------------------------------
+# The two networks
+# --------------------------------------------------------------------------------------------
+class _TRISBase(nn.Module):
+    """What both stages share: the CLIP backbone (``backbone.*``), weight loading, the stage check."""
+
+    stage: int = 0
+    # Keys only the OTHER stage's checkpoints have (used to name the stage of a wrong file).
+    other_stage_keys: tuple[str, ...] = ()
+    uses_word_masks = False
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        if int(config.get("stage", self.stage)) != self.stage:
+            raise ValueError(f"config is for TRIS stage {config.get('stage')}, not stage {self.stage}")
+        self.config = config
+        self.backbone = CLIP(config["clip"])
+
+    def load_pretrained_clip(self, path: str | os.PathLike, allow_torchscript: bool = False) -> LoadReport:
+        """CLIP weights of a local file into ``backbone`` (strict: every CLIP key and shape).
+        A TorchScript archive (OpenAI's RN50.pt) needs ``allow_torchscript=True`` (it is code)."""
+        return load_clip_weights(self.backbone, path, allow_torchscript=allow_torchscript, strict=True)
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Refuse, in one line, a checkpoint of the other TRIS stage."""
+        if any(k.startswith(self.other_stage_keys) for k in state):
+            other = 3 - self.stage
+            raise CheckpointMismatchError(
+                f"this checkpoint holds TRIS stage-{other} weights (keys {', '.join(p + '*' for p in self.other_stage_keys)}) "
+                f"but the model is TRIS stage {self.stage}; load it with the stage-{other} model (tris_stage{other})")
+
+    def backbone_parameter_names(self) -> list[str]:
+        return [f"backbone.{n}" for n, _ in self.backbone.named_parameters()]
+
+    def set_fused_attention(self, flag: bool) -> None:
+        """No fused path: the ops are the reference's (kept for the contract)."""
+
+
+class TRISStage1(_TRISBase):
+    """TRIS stage 1. ``forward(image (B, 3, H, W), text (B, T) CLIP ids, return_features=False)``.
+
+    Eval: the ReLU'd own-pair response map ``(B, 1, H, W)``. The bilateral prompt's softmax runs
+    over the sentences paired with an image, so the map depends on which sentences share the
+    batch. ``eval_pairing='own'`` (default) pairs each image with its own sentence only: every
+    sample then gets exactly what the reference's evaluation and PRMS compute (batch size 1),
+    whatever the batch. ``'batch'`` pairs it with all B sentences, as the training forward does
+    (the reference fixtures' eval outputs were made so). Training: a dict with ``cls``
+    ``(B, B)``, ``cls_fg`` ``(B,)``, ``relu_map`` / ``sigmoid_map`` / ``map`` ``(B, 1, H, W)`` and
+    ``logit_scale_exp``. Config: ``clip``, ``hidden_dim``, ``text_dim`` (= CLIP ``embed_dim``),
+    ``bilateral_prompt``, ``prompt_weight``, ``focal_p``, ``focal_lambda``, ``loss_weights``,
+    ``eval_pairing``.
+    """
+
+    stage = 1
+    other_stage_keys = ("attention2.", "attention3.", "attention4.", "reduced_c", "final_seg", "output")
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        d = int(config["hidden_dim"])
+        c4 = self.backbone.visual.stage_channels[3]
+        self.vis_project = nn.Conv2d(c4, d, kernel_size=1, bias=True)
+        self.lan_project = nn.Linear(int(config["text_dim"]), d)
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.attn_fusion = BilateralPrompt(d) if config.get("bilateral_prompt", True) else None
+        self.eval_pairing = str(config.get("eval_pairing", "own"))
+        if self.eval_pairing not in ("own", "batch"):
+            raise ValueError(f"eval_pairing must be 'own' or 'batch', got {self.eval_pairing!r}")
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, return_features: bool = False):
+        feats: dict[str, torch.Tensor] | None = {} if return_features else None
+        b = image.shape[0]
+        _, sentence = self.backbone.encode_text(text, feats, "backbone.")
+        c4 = self.backbone.visual.stages(image.to(self.backbone.dtype), feats, "backbone.visual.")[3]
+        if feats is not None:  # the attention pool is unused by TRIS; computed only to check its weights
+            feats["backbone.visual.attnpool.global"], feats["backbone.visual.attnpool.dense"] = \
+                self.backbone.visual.attnpool(c4)
+        lan = self.lan_project(sentence)                      # (B, D)
+        vis = self.vis_project(c4.float())                    # (B, D, h, w)
+        if feats is not None:
+            feats["lan_project"], feats["vis_project"] = lan, vis
+        h, w = vis.shape[-2:]
+        vis_tok = vis.flatten(2).transpose(1, 2)              # (B, hw, D)
+        # Training (and the "batch" pairing) scores image i against all B sentences; the "own"
+        # pairing gives each image only its own sentence, i.e. the reference's batch-1 evaluation.
+        pair_all = self.training or self.eval_pairing == "batch"
+        lan = lan.unsqueeze(0).repeat(b, 1, 1) if pair_all else lan.unsqueeze(1)  # (B, B or 1, D)
+        vis_tok = vis_tok / vis_tok.norm(dim=-1, keepdim=True)
+        lan = lan / lan.norm(dim=-1, keepdim=True)
+        if self.attn_fusion is not None:
+            new_vis, new_lan = self.attn_fusion(vis_tok.transpose(1, 2).reshape(b, -1, h, w), lan)
+            if feats is not None:
+                feats["attn_fusion.new_vis"], feats["attn_fusion.new_lan"] = new_vis, new_lan
+            wgt = float(self.config.get("prompt_weight", PROMPT_WEIGHT))
+            vis_tok = new_vis.flatten(2).transpose(1, 2) * wgt + vis_tok
+            lan = new_lan * wgt + lan
+        cosine = torch.bmm(vis_tok, lan.transpose(1, 2))      # (B, hw, B)
+        if feats is not None:
+            feats["score_cosine"] = cosine
+        scale = self.logit_scale.exp()
+        score = scale * cosine
+        if pair_all:  # score[i, :, i]
+            own = torch.diagonal(score, dim1=0, dim2=2).transpose(0, 1).reshape(b, 1, h, w)
+        else:
+            own = score.transpose(1, 2).reshape(b, 1, h, w)
+        seg = _upsample(own, image.shape[-2:])
+        if not self.training:
+            out: Any = F.relu(seg)
+        else:
+            pair_maps = score.transpose(1, 2).reshape(b, b, h, w)
+            with_bg = torch.cat([torch.ones_like(pair_maps[:, :1]), pair_maps], dim=1)   # (B, 1+B, h, w)
+            probs = F.softmax(with_bg, dim=1)
+            if feats is not None:
+                feats["softmax_with_background"] = probs
+            flat, pflat = with_bg.flatten(2), probs.flatten(2)
+            cls = flat.mean(-1) + flat.max(-1).values + focal_penalty(
+                pflat.mean(-1), float(self.config.get("focal_p", 3.0)), float(self.config.get("focal_lambda", 0.01)))
+            cls_fg = torch.diagonal(pflat[:, 1:].mean(-1))     # mean foreground prob. of the own pair
+            out = {"cls": cls[:, 1:], "cls_fg": cls_fg, "relu_map": F.relu(seg), "sigmoid_map": torch.sigmoid(seg),
+                   "map": seg, "logit_scale_exp": scale}
+        return (out, feats) if return_features else out
+
+    # -- contract ----------------------------------------------------------------------------
+    @staticmethod
+    def response_map(outputs: Any) -> torch.Tensor:
+        """The ReLU'd own-pair map (B, 1, H, W) inside eval or training outputs."""
+        return outputs["relu_map"] if isinstance(outputs, Mapping) else outputs
+
+    def loss(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{'loss_cls': w * multilabel_soft_margin(cls, I_B)}`` (paper §3.1; w = 5), float32."""
+        if not isinstance(outputs, Mapping) or "cls" not in outputs:
+            raise ValueError("TRIS stage-1 loss needs the training-mode outputs (call model.train() first)")
+        with torch.autocast(device_type=outputs["cls"].device.type, enabled=False):
+            cls = outputs["cls"].float()
+            target = torch.eye(cls.shape[0], device=cls.device, dtype=cls.dtype)
+            w = float(self.config.get("loss_weights", {}).get("cls", STAGE1_LOSS_WEIGHT))
+            return {"loss_cls": w * F.multilabel_soft_margin_loss(cls, target)}
+
+    def predict_scores(self, outputs: Any, size: Sequence[int]) -> torch.Tensor:
+        """(B, H, W) in [0, 1]: the response map at ``size`` divided by its maximum (+1e-5), as the
+        maps PRMS saves."""
+        m = _resize_to(self.response_map(outputs), size)
+        return m / (m.flatten(1).max(1).values[:, None, None] + 1e-5)
+
+    def predict_mask(self, outputs: Any, size: Sequence[int]) -> torch.Tensor:
+        """(B, H, W) bool: positive response at ``size``."""
+        return _resize_to(self.response_map(outputs), size) > 0
+
+    def unused_parameter_names(self) -> list[str]:
+        """Never updated by the reference: the CLIP attention pool and CLIP's own logit scale (no
+        gradient), and TRIS's ``logit_scale`` (gets a gradient but is in no optimiser group)."""
+        pool = [f"backbone.visual.attnpool.{n}" for n, _ in self.backbone.visual.attnpool.named_parameters()]
+        return pool + ["backbone.logit_scale", "logit_scale"]
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The reference's AdamW groups: CLIP at ``lr_scale`` 0.1, the new modules at 1 (both with
+        ``weight_decay``); trainable parameters only."""
+        backbone, head = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad or name == "logit_scale":
+                continue
+            (backbone if name.startswith("backbone.") else head).append(p)
+        groups = [{"params": backbone, "weight_decay": weight_decay, "lr_scale": 0.1},
+                  {"params": head, "weight_decay": weight_decay, "lr_scale": 1.0}]
+        return [g for g in groups if g["params"]]
+
+
+class TRISStage2(_TRISBase):
+    """TRIS stage 2. ``forward(image (B, 3, H, W), text (B, T), return_features=False)``.
+
+    Eval: ``final_seg1`` logits ``(B, 1, H, W)``; training: the list of the four deep-supervision
+    logits ``[seg1, seg2, seg3, seg4]``, each ``(B, 1, H, W)``. Config: ``clip``, ``text_dim``
+    (512), ``v_chans`` (CLIP stage widths), ``reduced`` (64, 128, 256, 512), ``decoder`` (256,
+    128, 64, 32), ``loss_weights``.
+    """
+
+    stage = 2
+    other_stage_keys = ("vis_project.", "lan_project.", "attn_fusion.")
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        v = [int(c) for c in config.get("v_chans", self.backbone.visual.stage_channels)]
+        r = [int(c) for c in config.get("reduced", (64, 128, 256, 512))]
+        o = [int(c) for c in config.get("decoder", (256, 128, 64, 32))]
+        t = int(config["text_dim"])
+        self.attention2 = PixelAttention(v[1], t)
+        self.attention3 = PixelAttention(v[2], t)
+        self.attention4 = PixelAttention(v[3], t)
+        self.reduced_c1, self.reduced_c2, self.reduced_c3, self.reduced_c4 = (
+            ConvBNPReLU(v[k], r[k]) for k in range(4))
+        # final_seg1..4 read output1..4 (widths o[3], o[2], o[1], o[0]).
+        self.final_seg1 = _seg_head(o[3], 32)
+        self.final_seg2 = _seg_head(o[2], 32)
+        self.final_seg3 = _seg_head(o[1], 64)
+        self.final_seg4 = _seg_head(o[0], 64)
+        self.output4 = ConvBNPReLU(r[3], o[0])
+        self.output3 = ConvBNPReLU(o[0], o[1])
+        self.output2 = ConvBNPReLU(o[1], o[2])
+        self.output1 = ConvBNPReLU(o[2], o[3])
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, return_features: bool = False):
+        feats: dict[str, torch.Tensor] | None = {} if return_features else None
+        size = image.shape[-2:]
+        words, _ = self.backbone.encode_text(text, feats, "backbone.")
+        lan = words.permute(0, 2, 1)                                           # (B, 512, T)
+        c1, c2, c3, c4 = self.backbone.visual.stages(image.to(self.backbone.dtype), feats, "backbone.visual.")
+        fused = []
+        for k, (c, att) in enumerate(((c2, self.attention2), (c3, self.attention3), (c4, self.attention4)), start=2):
+            a = att(c, lan)
+            if feats is not None:
+                feats[f"attention{k}"] = a
+            fused.append(a + c)
+        d = [self.reduced_c1(c1), self.reduced_c2(fused[0]), self.reduced_c3(fused[1]), self.reduced_c4(fused[2])]
+        o4 = self.output4(d[3])
+        s4 = _upsample(o4, d[2].shape[-2:])
+        o3 = self.output3(s4 + d[2])
+        s3 = _upsample(o3, d[1].shape[-2:])
+        o2 = self.output2(s3 + d[1])
+        s2 = _upsample(o2, d[0].shape[-2:])
+        o1 = self.output1(s2 + d[0])
+        head1 = self.final_seg1(o1)
+        if feats is not None:
+            for k in range(4):
+                feats[f"reduced_c{k + 1}"] = d[k]
+            feats.update(output4=o4, output3=o3, output2=o2, output1=o1, final_seg1=head1)
+        seg1 = _upsample(head1, size)
+        if self.training:
+            out: Any = [seg1, _upsample(self.final_seg2(s2), size), _upsample(self.final_seg3(s3), size),
+                        _upsample(self.final_seg4(s4), size)]
+        else:
+            out = seg1
+        return (out, feats) if return_features else out
+
+    # -- contract ----------------------------------------------------------------------------
+    @staticmethod
+    def main_logits(outputs: Any) -> torch.Tensor:
+        """The ``final_seg1`` logits (B, 1, H, W) inside eval or training outputs."""
+        return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+    def loss(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Deep-supervised BCE with logits (mean) of each output against the (pseudo) mask
+        ``batch['target']`` (B, H, W) (or ``batch['pseudo_gt']`` (B, 1, H, W)), weights 1:
+        ``{'loss_seg1': ..., ..., 'loss_seg4': ...}``."""
+        maps = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        target = batch["target"] if "target" in batch else batch["pseudo_gt"]
+        if target.dim() == 3:
+            target = target.unsqueeze(1)
+        weights = self.config.get("loss_weights", {}).get("seg", [1.0, 1.0, 1.0, 1.0])
+        with torch.autocast(device_type=maps[0].device.type, enabled=False):
+            target = target.float()
+            out = {}
+            for k, (m, w) in enumerate(zip(maps, weights), start=1):
+                if m.shape[-2:] != target.shape[-2:]:
+                    raise ValueError(f"TRIS stage-2 target is {tuple(target.shape[-2:])}, "
+                                     f"the logits are {tuple(m.shape[-2:])}")
+                out[f"loss_seg{k}"] = float(w) * F.binary_cross_entropy_with_logits(m.float(), target)
+            return out
+
+    def predict_scores(self, outputs: Any, size: Sequence[int]) -> torch.Tensor:
+        """(B, H, W) sigmoid of the main logits at ``size``."""
+        return torch.sigmoid(_resize_to(self.main_logits(outputs), size))
+
+    def predict_mask(self, outputs: Any, size: Sequence[int]) -> torch.Tensor:
+        """(B, H, W) bool: sigmoid > 0.5, i.e. logit > 0 (the reference's divide-by-max rule is
+        not used: it makes an all-negative map all foreground)."""
+        return _resize_to(self.main_logits(outputs), size) > 0
+
+    def unused_parameter_names(self) -> list[str]:
+        """No gradient in the reference: the CLIP attention pool, CLIP's logit scale and its
+        ``text_projection`` (stage 2 reads the word states, not the sentence embedding)."""
+        pool = [f"backbone.visual.attnpool.{n}" for n, _ in self.backbone.visual.attnpool.named_parameters()]
+        return pool + ["backbone.logit_scale", "backbone.text_projection"]
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The reference's groups: backbone parameters at ``lr_scale`` 0.1 except those named
+        ``*positional_embedding*``, which join the head at 1; trainable parameters only."""
+        backbone, head = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (backbone if name.startswith("backbone.") and "positional_embedding" not in name else head).append(p)
+        groups = [{"params": backbone, "weight_decay": weight_decay, "lr_scale": 0.1},
+                  {"params": head, "weight_decay": weight_decay, "lr_scale": 1.0}]
+        return [g for g in groups if g["params"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and specs
+# --------------------------------------------------------------------------------------------
+def _clip_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    arch = str(options.get("clip_backbone") or "RN50").replace("clip-", "")
+    if arch not in ("RN50", "RN101"):
+        raise ValueError(f"TRIS needs a CLIP ResNet backbone (RN50 or RN101), got {arch!r}")
+    return clip_config(arch)
+
+
+def build_config(name: str, stage: int | None = None, **options: Any) -> dict[str, Any]:
+    """The full config of ``tris_stage1`` / ``tris_stage2`` (the stage comes from ``stage`` or the
+    name). Options used: ``clip_backbone`` (RN50 | RN101), ``hidden_dim`` (stage 1, 1024),
+    ``clip_pretrained`` (a local CLIP file, loaded by `load_pretrained_clip`), ``clip_allow_torchscript``;
+    the rest is ignored."""
+    stage = int(stage if stage is not None else (2 if name.rstrip().endswith("2") else 1))
+    clip = _clip_from_options(options)
+    cfg: dict[str, Any] = {"model": name, "stage": stage, "clip": clip, "txt_length": CONTEXT_LENGTH,
+                           "clip_pretrained": str(options.get("clip_pretrained") or ""),
+                           "clip_allow_torchscript": bool(options.get("clip_allow_torchscript", False))}
+    if stage == 1:
+        cfg.update(text_dim=clip["embed_dim"], hidden_dim=int(options.get("hidden_dim") or 1024), bilateral_prompt=True,
+                   prompt_weight=PROMPT_WEIGHT, focal_p=3.0, focal_lambda=0.01, loss_weights={"cls": STAGE1_LOSS_WEIGHT},
+                   eval_pairing="own")
+    elif stage == 2:
+        w = clip["vision_width"]
+        cfg.update(text_dim=clip["transformer_width"], v_chans=[w * 4, w * 8, w * 16, w * 32],
+                   reduced=[64, 128, 256, 512], decoder=[256, 128, 64, 32], loss_weights={"seg": [1.0] * 4})
+    else:
+        raise ValueError(f"TRIS has stages 1 and 2, got {stage}")
+    return cfg
+
+
+def config_from_fixture(fx: Mapping[str, Any], stage: int = 1) -> dict[str, Any]:
+    """Our config of one stage of a TRIS reference fixture config (``fx['stage1']`` / ``['stage2']``)."""
+    key = f"stage{stage}"
+    part = fx[key] if key in fx else fx
+    c = dict(part["clip"])
+    clip = {k: c[k] for k in ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+                              "context_length", "vocab_size", "transformer_width", "transformer_heads",
+                              "transformer_layers", "vision_heads") if k in c}
+    clip = clip_config("RN50", **clip)
+    args = part.get("args", {})
+    hard = part.get("hard_coded", {})
+    cfg = build_config(f"tris_stage{stage}", stage=stage)
+    cfg["clip"] = clip
+    cfg["txt_length"] = int(c.get("txt_length", args.get("max_query_len", CONTEXT_LENGTH)))
+    if stage == 1:
+        cfg.update(text_dim=int(hard.get("textdim", clip["embed_dim"])), hidden_dim=int(args["hidden_dim"]),
+                   bilateral_prompt=float(args.get("attn_multi", 0.1)) > 0,
+                   prompt_weight=float(hard.get("bilateral_prompt_add_weight", PROMPT_WEIGHT)),
+                   focal_p=float(args.get("FOCAL_P", 3.0)), focal_lambda=float(args.get("FOCAL_LAMBDA", 0.01)),
+                   eval_pairing="batch")  # the fixture's eval forward ran the whole batch together
+    else:
+        cfg.update(text_dim=int(hard.get("textdim", 512)))
+        for ours, theirs in (("v_chans", "v_chans"), ("reduced", "reduced"), ("decoder", "outputs")):
+            if theirs in hard:
+                cfg[ours] = [int(x) for x in hard[theirs]]
+    return cfg
+
+
+_RECIPES = {"*": Recipe(lr=5e-5, epochs=15, batch_size=48, max_tokens=CONTEXT_LENGTH, weight_decay=0.01, seed=1234)}
+_TEXT = TextSide("clip", context_length=CONTEXT_LENGTH)
+
+
+def _build_stage1(name: str = "tris_stage1", **options: Any) -> dict[str, Any]:
+    return build_config(name, stage=1, **options)
+
+
+def _build_stage2(name: str = "tris_stage2", **options: Any) -> dict[str, Any]:
+    return build_config(name, stage=2, **options)
+
+
+def _stage1_from_fixture(fx: Mapping[str, Any]) -> dict[str, Any]:
+    return config_from_fixture(fx, stage=1)
+
+
+def _stage2_from_fixture(fx: Mapping[str, Any]) -> dict[str, Any]:
+    return config_from_fixture(fx, stage=2)
+
+
+SPEC_STAGE1 = ModelSpec(
+    target="lib.tris:TRISStage1", build_config=_build_stage1, recipes=_RECIPES,
+    config_from_fixture=_stage1_from_fixture, sync_bn=True, val_protocol="all", inputs=("image", "text"),
+    train_inputs=("image", "text"), text=_TEXT, default_img_size=DEFAULT_IMG_SIZE,
+    pretrained_missing=(r"vis_project\.", r"lan_project\.", r"logit_scale$", r"attn_fusion\."),
+)
+SPEC_STAGE2 = ModelSpec(
+    target="lib.tris:TRISStage2", build_config=_build_stage2, recipes=_RECIPES,
+    config_from_fixture=_stage2_from_fixture, sync_bn=True, val_protocol="all", inputs=("image", "text"),
+    train_inputs=("image", "text"), text=_TEXT, default_img_size=DEFAULT_IMG_SIZE,
+    pretrained_missing=(r"attention[234]\.", r"reduced_c[1-4]\.", r"output[1-4]\.", r"final_seg[1-4]\."),
+)
+SPEC = SPEC_STAGE1  # the file's default spec (stage 1); the registry names both
