@@ -58,7 +58,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refer_data_root", default="./refer/data/", help="dataset root folder")
     g.add_argument("--splitBy", default=None,
                    help="REFER split file refs(<splitBy>).p: unc (default; refcocog: umd), umd or google")
-    g.add_argument("--split", default="test", help="split evaluated by test.py")
+    g.add_argument("--split", default="test",
+                   help="split(s) evaluated by test.py: a name, a comma list (val,test) or 'all' (every split but train)")
     g.add_argument("--max_tokens", default=None, type=int,
                    help="token limit (reference: 22 for FIANet on RRSIS-D, else 20)")
     g.add_argument("--eval_protocol", default="all", choices=["all", "one-per-ref"],
@@ -102,7 +103,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="stop training after this many minutes (checkpoint kept, resumable)")
     g.add_argument("--no_val", action="store_true", help="skip the per-epoch validation")
     g = p.add_argument_group("evaluation outputs")
-    g.add_argument("--save_json", default=None, help="test.py: write the metrics to this JSON file")
+    g.add_argument("--save_json", default=None,
+                   help="test.py: write metrics and per-expression IoUs to this JSON file (several splits: a folder "
+                        "of <split>.json)")
     g.add_argument("--save_masks", default=None, help="test.py: write every predicted mask (PNG) here")
     g.add_argument("--vis", default=0, type=int, help="test.py: write N overlay images (image | truth | prediction)")
     return p

@@ -145,13 +145,14 @@ def checkpoint_model_name(ckpt: dict[str, Any]) -> str | None:
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint file safely (weights_only with an allow-list); one-line errors."""
+    """Load a checkpoint file safely (weights_only with an allow-list) or an exported folder
+    (safetensors, no pickle); one-line errors."""
     if not path:
         raise UserError("--resume: no checkpoint given (pass --resume PATH)")
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise UserError(f"--resume {path}: file not found")
     try:
-        ckpt = ckpt_lib.safe_torch_load(path)
+        ckpt = ckpt_lib.read_checkpoint_file_or_folder(path)  # a .pth file or an exported folder
     except Exception as e:  # corrupt or hostile file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--resume {path}: cannot be read ({msg})") from None

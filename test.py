@@ -3,6 +3,7 @@
     python test.py --resume checkpoints/checkpoint_best.pth --dataset rrsisd --split test \\
         --refer_data_root DATA --bert_tokenizer BERT [--eval_protocol one-per-ref] \\
         [--save_json results.json] [--save_masks masks/] [--vis 8]
+    python test.py ... --split all --save_json results/   # every evaluation split: results/<split>.json
     torchrun --nproc_per_node 4 test.py ...        # metrics are summed over ranks
 
 Checkpoints are ours (the model config is stored inside) or an original implementation's
@@ -30,6 +31,7 @@ import engine
 import utils
 from engine import UserError
 from lib import registry
+from tools import results as results_lib
 
 
 def mask_file_name(batch: dict[str, Any], k: int) -> str:
@@ -121,25 +123,45 @@ def run(args) -> int:
     del ckpt
     model.to(info.device).eval()
 
-    ds = engine.build_dataset(args, args.split, mode="eval", eval_protocol=args.eval_protocol)
-    loader = engine.eval_loader(ds, args.eval_batch_size, args.workers, args.pin_mem, info)
-    vis_dir = Path(args.output_dir) / "vis"
-    writer = PredictionWriter(args.save_masks, args.vis, vis_dir, info.rank)
-    summary = engine.evaluate(model, loader, info.device, args.amp, on_batch=writer,
-                              desc=f"{args.dataset} {args.split}")
-    writer.finish()
-    if info.is_main:
-        title = (f"{name} on {args.dataset} {args.split} ({args.eval_protocol} protocol, "
-                 f"{args.img_size}x{args.img_size})")
-        print(utils.format_results_table(summary, title))
-        if args.save_json:
-            Path(args.save_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.save_json).write_text(json.dumps(summary, indent=2))
-            print(f"[test] metrics written to {args.save_json}")
-        if args.save_masks:
-            print(f"[test] {summary['num_samples']} masks written to {args.save_masks} (index.jsonl maps files)")
-        if args.vis:
-            print(f"[test] overlays written to {vis_dir}")
+    try:
+        splits = results_lib.split_datasets(
+            args.split, args.dataset, args.refer_data_root, args.splitBy,
+            lambda split: engine.build_dataset(args, split, mode="eval", eval_protocol=args.eval_protocol))
+    except results_lib.ResultsError as e:
+        raise UserError(str(e)) from None
+    several = len(splits) > 1
+    try:
+        json_paths = results_lib.json_targets(args.save_json, [s for s, _ in splits]) if args.save_json else []
+    except results_lib.ResultsError as e:
+        raise UserError(str(e)) from None
+    checkpoint = results_lib.checkpoint_info(args.resume) if info.is_main else {}
+    records = []
+    for split, ds in splits:  # the model and the datasets' caches are loaded once for every split
+        loader = engine.eval_loader(ds, args.eval_batch_size, args.workers, args.pin_mem, info)
+        vis_dir = Path(args.output_dir) / "vis" / (split if several else "")
+        masks_dir = str(Path(args.save_masks) / split) if args.save_masks and several else args.save_masks
+        writer = PredictionWriter(masks_dir, args.vis, vis_dir, info.rank)
+        recorder = results_lib.ExpressionRecorder()
+        summary = engine.evaluate(model, loader, info.device, args.amp, on_batch=results_lib.chain(writer, recorder),
+                                  desc=f"{args.dataset} {split}")
+        writer.finish()
+        expressions = recorder.gather()
+        if info.is_main:
+            title = (f"{name} on {args.dataset} {split} ({args.eval_protocol} protocol, "
+                     f"{args.img_size}x{args.img_size})")
+            print(utils.format_results_table(summary, title))
+            records.append(results_lib.build_record(
+                summary, expressions, model=name, dataset=args.dataset, split=split,
+                split_by=getattr(ds, "split_by", None), eval_protocol=args.eval_protocol, seed=args.seed,
+                img_size=args.img_size, checkpoint=checkpoint, config=getattr(model, "config", None),
+                train_args=saved_args))
+            if masks_dir:
+                print(f"[test] {summary['num_samples']} masks written to {masks_dir} (index.jsonl maps files)")
+            if args.vis:
+                print(f"[test] overlays written to {vis_dir}")
+    if info.is_main and json_paths:
+        paths = results_lib.write_records(records, json_paths)
+        print(f"[test] metrics and per-expression IoUs written to {', '.join(map(str, paths))}")
     return 0
 
 

@@ -8,7 +8,7 @@
 * `load_model_state` — STRICT by default; on mismatch raises `CheckpointMismatchError` with a
   readable report. ``strict=False`` loads what matches and prints the report.
 * `load_swin_pretrained` — official Swin ImageNet checkpoints into the backbone (lavt.md §8).
-* `save_checkpoint` (atomic) / `load_our_checkpoint` (rebuild from the stored plain config).
+* `save_checkpoint` (atomic); `read_checkpoint_file_or_folder` (a file, or an exported safetensors folder).
 """
 from __future__ import annotations
 
@@ -346,3 +346,56 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None
             os.close(dfd)
     except OSError:
         pass
+
+
+# --------------------------------------------------------------------------------------------
+# Exported folders (model.safetensors + config.json): loading without any pickle
+# --------------------------------------------------------------------------------------------
+EXPORT_FORMAT = "openrrsis-export-v1"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+
+
+def read_checkpoint_file_or_folder(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint: a ``torch.save`` file (through `safe_torch_load`), an exported folder
+    (``model.safetensors`` + ``config.json``, written by ``python -m tools.export``), or a bare
+    ``.safetensors`` file (with the ``config.json`` beside it, if any).
+
+    Folders and ``.safetensors`` files are read with ``safetensors`` and ``json`` only: no pickle.
+    Returns ``{'model': state_dict, 'config': model config, 'args': training args, ...}`` for an
+    export, or the loaded file's dictionary otherwise.
+    """
+    p = Path(path)
+    if p.is_dir():
+        weights, meta_file = p / EXPORT_WEIGHTS, p / EXPORT_CONFIG
+        if not weights.is_file():
+            raise CheckpointError(f"{p}: folder without {EXPORT_WEIGHTS} (not an exported model)")
+    elif p.suffix == ".safetensors":
+        weights, meta_file = p, p.parent / EXPORT_CONFIG
+    else:
+        return safe_torch_load(p)
+    if not weights.is_file():
+        raise CheckpointNotFoundError(f"checkpoint not found: {weights}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    out: dict[str, Any] = {"model": state}
+    if meta_file.is_file():
+        import json
+
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{meta_file}: not readable JSON ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT or not isinstance(meta.get("config"), dict):
+            raise CheckpointError(f"{meta_file}: not an OpenRRSIS export config (needs format {EXPORT_FORMAT!r} "
+                                  "and a 'config' entry)")
+        out.update({k: v for k, v in meta.items() if k not in ("model", "format")})
+        out["format"] = EXPORT_FORMAT
+    elif p.is_dir():
+        raise CheckpointError(f"{p}: folder without {EXPORT_CONFIG} (not an exported model)")
+    return out

@@ -667,7 +667,7 @@ def config_from_fixture(fx: Mapping[str, Any]) -> dict:
 SPEC = ModelSpec(
     target="lib.crossvlt:CrossVLT", build_config=_build, config_from_fixture=config_from_fixture,
     # 2 GPUs x 6 per GPU, 21 tokens, seed 12345; validation on all sentences of every ref.
-    recipes={"*": Recipe(lr=3e-5, epochs=40, batch_size=6, max_tokens=21, seed=12345)},
+    recipes={"*": Recipe(lr=3e-5, epochs=40, batch_size=6, max_tokens=21, seed=12345, gpus=2)},
     sync_bn=True, val_protocol="all", inputs=("image", "text", "l_mask"),
     train_inputs=("image", "text", "l_mask", "target"),
     pretrained_missing=(r"backbone\.\d+\.layers\.(?!blocks\.|downsample\.)", r"backbone\.\d+\.norm\d+\.",

@@ -167,5 +167,5 @@ SPEC = ModelSpec(
              "refsegrs": Recipe(lr=5e-5, epochs=60, batch_size=8, max_tokens=20, options={"num_tmem": 1}),
              "*": Recipe(lr=5e-5, epochs=60, batch_size=8, max_tokens=20, options={"num_tmem": 1})},
     sync_bn=False,  # trained on one GPU with plain BatchNorm
-    val_protocol="one-per-ref", inputs=("image", "text", "l_mask", "t_mask", "p_mask"),
+    val_protocol="one-per-ref", test_protocol="one-per-ref", inputs=("image", "text", "l_mask", "t_mask", "p_mask"),
     text=TextSide("bert", word_masks=True), pretrained_missing=SWIN_FAMILY_PRETRAINED_MISSING, tiny=TINY_OPTIONS)

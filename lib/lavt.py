@@ -79,7 +79,6 @@ class LAVTOne(SegmentationModel):
     return_features=False) -> logits (B, 2, H, W)`` (or ``(logits, features)``).
     """
 
-    uses_word_masks = False
     stage_cls: type[MultiModalStage] = LAVTStage
     keep_text_encoder_eval = False
 
@@ -313,7 +312,7 @@ def _lavt_spec(target: str) -> ModelSpec:
     return ModelSpec(
         target=target, build_config=build,
         config_from_fixture=lambda fx: family_config_from_fixture(fx, fx.get("variant") or "lavt_one", build),
-        recipes={"*": Recipe(lr=5e-5, epochs=40, batch_size=8, max_tokens=20)},
+        recipes={"*": Recipe(lr=5e-5, epochs=40, batch_size=8, max_tokens=20, gpus=4)},  # README: 4 GPUs x 8
         sync_bn=True, val_protocol="one-per-ref", inputs=("image", "text", "l_mask"),
         pretrained_missing=SWIN_FAMILY_PRETRAINED_MISSING, tiny=TINY_OPTIONS)
 

@@ -409,6 +409,6 @@ SPEC = ModelSpec(
     target="lib.rmsin:RMSIN", build_config=_build,
     config_from_fixture=lambda fx: family_config_from_fixture(fx, "rmsin", _build, _from_fixture),
     # 4 GPUs x batch 2 with SyncBatchNorm (the README passes no batch size: the default 2 per GPU).
-    recipes={"*": Recipe(lr=3e-5, epochs=40, batch_size=2, max_tokens=20)},
+    recipes={"*": Recipe(lr=3e-5, epochs=40, batch_size=2, max_tokens=20, gpus=4)},
     sync_bn=True, val_protocol="one-per-ref", pretrained_missing=SWIN_FAMILY_PRETRAINED_MISSING,
     tiny=TINY_OPTIONS)

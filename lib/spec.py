@@ -43,8 +43,8 @@ class UnknownRecipeError(ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    """A reference training recipe (per process batch; ``options`` are model options the recipe
-    sets, e.g. FIANet's ``num_tmem``)."""
+    """A reference training recipe: ``batch_size`` per process on ``gpus`` processes (the total
+    batch is their product); ``options`` are model options the recipe sets (FIANet's ``num_tmem``)."""
 
     lr: float
     epochs: int
@@ -52,11 +52,16 @@ class Recipe:
     max_tokens: int
     weight_decay: float = 0.01
     seed: int = 2401
+    gpus: int = 1
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_batch(self) -> int:
+        return self.batch_size * self.gpus
 
     def as_flags(self) -> dict[str, Any]:
         """The recipe as argparse destinations (``weight_decay`` etc.), options included."""
-        flags = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        flags = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "gpus")}
         return {**flags, **dict(self.options)}
 
 
@@ -87,8 +92,8 @@ class ModelSpec:
     model flags of args.py (swin_type, window_size, img_size, ...); a builder ignores what it has
     no use for. ``config_from_fixture(fixture_config)`` converts a reference fixture's config.
     ``recipes``: dataset name (or ``'*'``, the fallback) -> `Recipe`. ``sync_bn``: BatchNorm becomes
-    SyncBatchNorm under DDP (as the reference). ``val_protocol``: sentences used by the per-epoch
-    validation. ``inputs`` / ``train_inputs``: batch keys the forward takes in eval / training.
+    SyncBatchNorm under DDP (as the reference). ``val_protocol`` / ``test_protocol``: the sentences the per-epoch
+    validation / the reference's test script evaluate (``all`` or ``one-per-ref``). ``inputs`` / ``train_inputs``: batch keys the forward takes in eval / training.
     ``mean`` / ``std``: image normalisation. ``pretrained_missing``: regexes of the model keys
     expected to stay missing when the ImageNet backbone / language weights are loaded; any other
     missing key is an error. ``tiny``: ``build_config`` options of a seconds-on-a-CPU model (tests,
@@ -101,6 +106,7 @@ class ModelSpec:
     config_from_fixture: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     sync_bn: bool = False
     val_protocol: str = "all"
+    test_protocol: str = "all"
     inputs: tuple[str, ...] = ("image", "text", "l_mask")
     train_inputs: tuple[str, ...] | None = None
     text: TextSide = TextSide()
@@ -111,8 +117,9 @@ class ModelSpec:
     tiny: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.val_protocol not in VAL_PROTOCOLS:
-            raise ValueError(f"val_protocol must be one of {VAL_PROTOCOLS}, got {self.val_protocol!r}")
+        for name in ("val_protocol", "test_protocol"):
+            if getattr(self, name) not in VAL_PROTOCOLS:
+                raise ValueError(f"{name} must be one of {VAL_PROTOCOLS}, got {getattr(self, name)!r}")
         if "*" not in self.recipes and not self.recipes:
             raise ValueError("a ModelSpec needs at least one recipe")
 

@@ -174,7 +174,6 @@ class _TRISBase(nn.Module):
     stage: int = 0
     # Keys only the OTHER stage's checkpoints have (used to name the stage of a wrong file).
     other_stage_keys: tuple[str, ...] = ()
-    uses_word_masks = False
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
