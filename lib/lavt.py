@@ -210,7 +210,7 @@ def family_config(name: str, *, swin_type: str = "base", window_size: int | None
     reference rule), else 7. ``swin_overrides`` replaces entries of the Swin table (e.g. tiny
     widths for tests). ``bert``: BertConfig dict, 'bert-base-uncased', or a local folder.
     ``configure(cfg, options)`` adds the model's own entries; ``extras`` names the keyword
-    options it accepts besides `FAMILY_OPTIONS`.
+    options it reads besides `FAMILY_OPTIONS`; other keywords are ignored.
     """
     if swin_type not in SWIN_TYPES:
         raise ValueError(f"--swin_type must be one of {', '.join(SWIN_TYPES)}, got {swin_type!r}")
@@ -226,9 +226,8 @@ def family_config(name: str, *, swin_type: str = "base", window_size: int | None
     if n != 4 or len(swin["num_heads"]) != 4:
         raise ValueError(f"the LAVT family needs 4 Swin stages, got depths {swin['depths']}, heads {swin['num_heads']}")
     bert_cfg = bert_config_dict(bert)
-    unknown = set(extra) - set(FAMILY_OPTIONS) - set(extras)
-    if unknown:
-        raise ValueError(f"unknown option(s) for model {name!r}: {', '.join(sorted(unknown))}")
+    # Options of other models (the generic model flags) are ignored, as the spec contract says.
+    extra = {k: v for k, v in extra.items() if k in FAMILY_OPTIONS or k in extras}
     e = swin["embed_dim"]
     customised = any(swin[k] != SWIN_TYPES[swin_type][k] for k in ("embed_dim", "depths", "num_heads"))
     cfg: dict[str, Any] = {
@@ -236,7 +235,7 @@ def family_config(name: str, *, swin_type: str = "base", window_size: int | None
         "swin_type": "custom" if customised else swin_type,
         "swin": swin,
         "pretrained_swin": str(pretrained_swin or ""),
-        "img_size": int(img_size),
+        "img_size": [int(x) for x in img_size] if isinstance(img_size, (list, tuple)) else int(img_size),
         "fusion": {"num_heads": _parse_mha(mha, n), "dropout": float(fusion_drop)},
         "l_in": int(bert_cfg["hidden_size"]),
         "decoder": {"c4_dims": 8 * e, "factor": 2},

@@ -22,15 +22,13 @@ State-dict keys equal the original's, so its checkpoints (``{'model': ...}``) lo
 """
 from __future__ import annotations
 
-import copy
-import json
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bert.text_encoder import bert_config_dict, build_text_encoder
+from bert.text_encoder import build_text_encoder
 from lib.deformable import (
     MSDeformAttn,
     flatten_levels,
@@ -38,8 +36,9 @@ from lib.deformable import (
     sine_position_encoding,
 )
 from lib.fusion import instance_norm_tokens, pointwise, tanh_gate
+from lib.lavt import TINY_OPTIONS, family_builder
 from lib.spec import ModelSpec, Recipe, TextSide
-from lib.swin import SWIN_DEFAULTS, SWIN_TYPES, MultiModalStage, MultiModalSwin
+from lib.swin import SWIN_DEFAULTS, MultiModalStage, MultiModalSwin
 
 # Additive bias of padded words in the VLBA logits: (1e4 * m - 1e4), not -inf.
 _WORD_MASK_SCALE = 1e4
@@ -512,7 +511,7 @@ class LGFormer(nn.Module):
                                           pixel=config["pixel_decoder"], query=config["query_decoder"],
                                           kernel_size=int(config.get("kernel_size", 1)))
         self.text_encoder = build_text_encoder(config["bert"])
-        self.set_fused_attention(config.get("fused_attn", True))
+        self.set_fast_paths(config.get("fused_attn", True))
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, l_mask: torch.Tensor, return_features: bool = False):
         feats: dict[str, Any] | None = {} if return_features else None
@@ -597,14 +596,13 @@ class LGFormer(nn.Module):
     def set_grad_ckpt(self, flag: bool) -> None:
         self.backbone.set_grad_ckpt(flag)
 
-    def set_fused_attention(self, flag: bool) -> None:
+    def set_fast_paths(self, flag: bool) -> None:
         """Every fast path on (SDPA window / cross attention, GEMM 1x1 projections in VLBA) or the
         reference op order (``False``)."""
         for m in self.modules():
             if hasattr(m, "fused"):
                 m.fused = bool(flag)
 
-    set_fast_paths = set_fused_attention
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,58 +631,30 @@ def _parse_heads(mha: Any) -> list[int]:
     return heads
 
 
-def build_config(name: str = "lgformer", *, swin_type: str = "base", window_size: int | None = None,
-                 pretrained_swin: str = "", img_size: Any = 480, mha: Any = "", fusion_drop: float = 0.0,
-                 bert: Mapping[str, Any] | str = "bert-base-uncased", swin_overrides: Mapping[str, Any] | None = None,
-                 drop_path_rate: float | None = None, max_tokens: int = TEXT_LEN,
-                 pixel_decoder: Mapping[str, Any] | None = None, query_decoder: Mapping[str, Any] | None = None,
-                 fused_attn: bool = True, grad_ckpt: bool = False, bert_pretrained: str = "",
-                 **ignored: Any) -> dict[str, Any]:
-    """The full LGFormer config with the reference builder's defaults (Swin-B, window 12 when the
-    pretrained file name says ``window12``, else 7; drop-path 0.3; 6/6 decoder layers; 20 tokens).
-    Option keys the model has no use for are ignored."""
-    if swin_type not in SWIN_TYPES:
-        raise ValueError(f"--swin_type must be one of {', '.join(SWIN_TYPES)}, got {swin_type!r}")
-    swin = {**copy.deepcopy(SWIN_TYPES[swin_type]), **SWIN_DEFAULTS}
-    for key, value in (swin_overrides or {}).items():
-        if key not in swin and key != "window_size":
-            raise ValueError(f"unknown Swin override {key!r}; valid: {', '.join(sorted(swin))}")
-        swin[key] = list(value) if isinstance(value, tuple) else value
-    if drop_path_rate is not None:
-        swin["drop_path_rate"] = float(drop_path_rate)
-    if window_size is None:
-        window_size = swin.get("window_size") or (12 if "window12" in str(pretrained_swin) else 7)
-    swin["window_size"] = int(window_size)
-    if len(swin["depths"]) != 4 or len(swin["num_heads"]) != 4:
-        raise ValueError(f"LGFormer needs 4 Swin stages, got depths {swin['depths']}, heads {swin['num_heads']}")
-    bert_cfg = bert_config_dict(bert)
-    pix = {**PIXEL_DECODER_DEFAULTS, **dict(pixel_decoder or {})}
-    qry = {**QUERY_DECODER_DEFAULTS, **dict(query_decoder or {})}
+def _configure(cfg: dict[str, Any], options: Mapping[str, Any]) -> None:
+    """LGFormer's entries on top of the LAVT-family config: the token count (``text_len``, the rows
+    of the learned key embedding), the pixel / query decoder sizes, the 1x1 dynamic kernel."""
+    pix = {**PIXEL_DECODER_DEFAULTS, **dict(options.get("pixel_decoder") or {})}
+    qry = {**QUERY_DECODER_DEFAULTS, **dict(options.get("query_decoder") or {})}
     for key in set(pix) - set(PIXEL_DECODER_DEFAULTS):
         raise ValueError(f"unknown pixel decoder option {key!r}; valid: {', '.join(PIXEL_DECODER_DEFAULTS)}")
     for key in set(qry) - set(QUERY_DECODER_DEFAULTS):
         raise ValueError(f"unknown query decoder option {key!r}; valid: {', '.join(QUERY_DECODER_DEFAULTS)}")
-    customised = any(swin[k] != SWIN_TYPES[swin_type][k] for k in ("embed_dim", "depths", "num_heads"))
-    size = [int(s) for s in img_size] if isinstance(img_size, (list, tuple)) else int(img_size)
-    cfg = {
-        "model": name,
-        "swin_type": "custom" if customised else swin_type,
-        "swin": swin,
-        "pretrained_swin": str(pretrained_swin or ""),
-        "img_size": size,
-        "fusion": {"num_heads": _parse_heads(mha), "dropout": float(fusion_drop)},
-        "l_in": int(bert_cfg["hidden_size"]),
-        "text_len": int(max_tokens),
-        "pixel_decoder": pix,
-        "query_decoder": qry,
-        "kernel_size": 1,
-        "bert": bert_cfg,
-        "fused_attn": bool(fused_attn),
-        "grad_ckpt": bool(grad_ckpt),
-        "bert_pretrained": str(bert_pretrained or ""),
-    }
-    json.dumps(cfg)  # must stay plain data
-    return cfg
+    if options.get("drop_path_rate") is not None:
+        cfg["swin"]["drop_path_rate"] = float(options["drop_path_rate"])
+    for unused in ("decoder", "batched_text"):  # the family's SimpleDecoding / FIANet entries
+        cfg.pop(unused, None)
+    cfg.update(text_len=int(options.get("max_tokens") or TEXT_LEN), pixel_decoder=pix, query_decoder=qry, kernel_size=1)
+
+
+_build = family_builder(_configure, extras=("max_tokens", "pixel_decoder", "query_decoder", "drop_path_rate"))
+
+
+def build_config(name: str = "lgformer", **options: Any) -> dict[str, Any]:
+    """The full LGFormer config with the reference builder's defaults (Swin-B, window 12 when the
+    pretrained file name says ``window12``, else 7; drop-path 0.3; 6/6 decoder layers; 20 tokens);
+    options as `lib.lavt.family_config` plus ``max_tokens``, ``pixel_decoder``, ``query_decoder``."""
+    return _build(name, **options)
 
 
 def config_from_fixture(fx: Mapping[str, Any]) -> dict[str, Any]:
@@ -722,7 +692,7 @@ SPEC = ModelSpec(
     build_config=build_config,
     # Reference recipe (train scripts): AdamW lr 5e-5, wd 1e-2, 16 per GPU x 2 GPUs, 40 epochs,
     # 480 px, exactly 20 tokens; per-iteration poly schedule; BERT dropout 0.1, drop-path 0.3.
-    recipes={"*": Recipe(lr=5e-5, epochs=40, batch_size=16, max_tokens=TEXT_LEN, weight_decay=1e-2)},
+    recipes={"*": Recipe(lr=5e-5, epochs=40, batch_size=16, max_tokens=TEXT_LEN, weight_decay=1e-2, gpus=2)},
     config_from_fixture=config_from_fixture,
     sync_bn=False,  # no BatchNorm anywhere (the reference's SyncBatchNorm conversion is a no-op)
     val_protocol="all",
@@ -733,4 +703,8 @@ SPEC = ModelSpec(
         r"backbone\.norm\d+\.",
         r"classifier\.",
     ),
+    # Seconds on a CPU: Swin 16 / 2-2-2-2, the tiny BERT, 32-wide decoders, 4 query layers (wrapping the 3 scales).
+    tiny={**TINY_OPTIONS, "pixel_decoder": {"conv_dim": 32, "mask_dim": 32, "enc_layers": 1, "dim_feedforward": 64,
+                                            "nheads": 4, "text_heads": 4, "text_ffn": 64},
+          "query_decoder": {"num_layers": 4, "dim_ffn": 64, "nhead": 4}},
 )

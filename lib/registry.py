@@ -32,6 +32,9 @@ _MODELS: dict[str, str] = {
     "fianet": "lib.fianet:SPEC",
     "rmsin": "lib.rmsin:SPEC",
     "crossvlt": "lib.crossvlt:SPEC",
+    "lgformer": "lib.lgformer:SPEC",
+    "tris_stage1": "lib.tris:SPEC_STAGE1",
+    "tris_stage2": "lib.tris:SPEC_STAGE2",
 }
 
 

@@ -198,7 +198,7 @@ class _TRISBase(nn.Module):
     def backbone_parameter_names(self) -> list[str]:
         return [f"backbone.{n}" for n, _ in self.backbone.named_parameters()]
 
-    def set_fused_attention(self, flag: bool) -> None:
+    def set_fast_paths(self, flag: bool) -> None:
         """No fused path: the ops are the reference's (kept for the contract)."""
 
 
@@ -456,12 +456,13 @@ def _clip_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
     arch = str(options.get("clip_backbone") or "RN50").replace("clip-", "")
     if arch not in ("RN50", "RN101"):
         raise ValueError(f"TRIS needs a CLIP ResNet backbone (RN50 or RN101), got {arch!r}")
-    return clip_config(arch)
+    return clip_config(arch, **dict(options.get("clip_overrides") or {}))
 
 
 def build_config(name: str, stage: int | None = None, **options: Any) -> dict[str, Any]:
     """The full config of ``tris_stage1`` / ``tris_stage2`` (the stage comes from ``stage`` or the
-    name). Options used: ``clip_backbone`` (RN50 | RN101), ``hidden_dim`` (stage 1, 1024),
+    name). Options used: ``clip_backbone`` (RN50 | RN101), ``clip_overrides`` (CLIP constructor
+    sizes, e.g. a tiny text tower for tests), ``hidden_dim`` (stage 1, 1024),
     ``clip_pretrained`` (a local CLIP file, loaded by `load_pretrained_clip`), ``clip_allow_torchscript``;
     the rest is ignored."""
     stage = int(stage if stage is not None else (2 if name.rstrip().endswith("2") else 1))
@@ -530,16 +531,22 @@ def _stage2_from_fixture(fx: Mapping[str, Any]) -> dict[str, Any]:
     return config_from_fixture(fx, stage=2)
 
 
+# Seconds on a CPU: one bottleneck per ResNet stage, a one-layer 64-wide text tower.
+_TINY = {"clip_overrides": {"vision_layers": [1, 1, 1, 1], "vocab_size": 200, "transformer_width": 64,
+                            "transformer_heads": 1, "transformer_layers": 1}, "hidden_dim": 64}
+
 SPEC_STAGE1 = ModelSpec(
     target="lib.tris:TRISStage1", build_config=_build_stage1, recipes=_RECIPES,
     config_from_fixture=_stage1_from_fixture, sync_bn=True, val_protocol="all", inputs=("image", "text"),
     train_inputs=("image", "text"), text=_TEXT, default_img_size=DEFAULT_IMG_SIZE,
     pretrained_missing=(r"vis_project\.", r"lan_project\.", r"logit_scale$", r"attn_fusion\."),
+    tiny=_TINY,
 )
 SPEC_STAGE2 = ModelSpec(
     target="lib.tris:TRISStage2", build_config=_build_stage2, recipes=_RECIPES,
     config_from_fixture=_stage2_from_fixture, sync_bn=True, val_protocol="all", inputs=("image", "text"),
     train_inputs=("image", "text"), text=_TEXT, default_img_size=DEFAULT_IMG_SIZE,
     pretrained_missing=(r"attention[234]\.", r"reduced_c[1-4]\.", r"output[1-4]\.", r"final_seg[1-4]\."),
+    tiny=_TINY,
 )
 SPEC = SPEC_STAGE1  # the file's default spec (stage 1); the registry names both

@@ -52,7 +52,7 @@ def _inputs(b=2, n=10, h=72, w=88, seed=0):
 # --------------------------------------------------------------------------------------------
 def test_fixture_matches_reference(fixtures_dir, fixture):
     lines: list[str] = []
-    res = check_fixture(fixtures_dir / FIXTURE, print_fn=lines.append)
+    (res,) = check_fixture(fixtures_dir / FIXTURE, print_fn=lines.append)
     assert res.ok, "\n".join(lines)
     assert res.model == "crossvlt" and res.logits[0].diff <= 1e-4
     # every stored feature (language stages, every vision stage, decoder) is produced and compared

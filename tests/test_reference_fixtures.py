@@ -24,7 +24,7 @@ def lavt_fixture(fixtures_dir):
 @pytest.mark.parametrize("name", ["lavt_a.pt", "fianet_a.pt"])
 def test_fixture_matches_reference(fixtures_dir, name):
     lines: list[str] = []
-    res = check_fixture(fixtures_dir / name, print_fn=lines.append)
+    (res,) = check_fixture(fixtures_dir / name, print_fn=lines.append)
     assert res.ok, "\n".join(lines)
     assert all(r.diff is not None and r.diff <= 1e-4 for r in res.logits)
     # every stored feature is produced and compared (none skipped)
@@ -36,7 +36,7 @@ def test_fixture_matches_reference(fixtures_dir, name):
 def test_fixture_plain_attention_is_bit_exact(fixtures_dir):
     """The plain window-attention path uses the reference op order: logits match bit for bit
     (same PyTorch ops on the same thread count)."""
-    res = check_fixture(fixtures_dir / "fianet_a.pt", fused_attention=False, print_fn=lambda s: None)
+    (res,) = check_fixture(fixtures_dir / "fianet_a.pt", fused_attention=False, print_fn=lambda s: None)
     assert res.ok
     assert res.logits[0].diff < 1e-5
 
@@ -65,7 +65,7 @@ def test_cli_exit_codes(fixtures_dir, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("PASS: 1/1 fixtures match")
+    assert last.startswith("PASS: 1/1 networks match")
 
     # unknown model -> exit 2 with a clear message (in-process, to stay fast)
     fx = torch.load(fixtures_dir / "lavt_a.pt")
@@ -84,3 +84,23 @@ def test_cli_detects_a_wrong_weight(fixtures_dir, tmp_path, capsys):
     torch.save(fx, bad)
     assert main([str(bad)]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("FAIL")
+
+
+@pytest.mark.parametrize("name,networks", [("lgformer_a.pt", ["lgformer"]), ("tris_a.pt", ["tris_stage1", "tris_stage2"])])
+def test_compact_fixtures_pass_check_reference_after_expansion(fixtures_dir, tmp_path, name, networks):
+    """The LGFormer (list of mask maps) and TRIS (two networks, eval and training-mode outputs)
+    fixtures pass the generic check once expanded; the compact file itself is refused clearly."""
+    full = tmp_path / name.replace(".pt", "_full.pt")
+    subprocess.run([sys.executable, str(fixtures_dir / "expand_fixture.py"), str(fixtures_dir / name), str(full)],
+                   check=True, capture_output=True, timeout=300)
+    lines: list[str] = []
+    results = check_fixture(full, print_fn=lines.append)
+    assert [r.model for r in results] == networks
+    assert all(r.ok for r in results), "\n".join(lines)
+    fx = torch.load(full)
+    n_out = fx["outputs"] if "stages" not in fx["config"] else fx["outputs"][fx["config"]["stages"][0]]
+    expected = len(n_out) if isinstance(n_out, list) else 1
+    assert len(results[0].logits) >= expected  # every map of a list output is compared
+    assert all(r.diff is not None for res in results for r in res.logits + res.features)
+    with pytest.raises(Exception, match="expand it first"):
+        check_fixture(fixtures_dir / name, print_fn=lambda s: None)

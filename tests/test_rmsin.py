@@ -35,7 +35,7 @@ def _inputs(batch: int, size: int, vocab: int, tokens: int = 8):
 # --------------------------------------------------------------------------------------------
 def test_fixture_matches_reference(fixtures_dir, rmsin_fixture):
     lines: list[str] = []
-    res = check_fixture(fixtures_dir / "rmsin_a.pt", print_fn=lines.append)
+    (res,) = check_fixture(fixtures_dir / "rmsin_a.pt", print_fn=lines.append)
     assert res.ok, "\n".join(lines)
     assert res.model == "rmsin"
     assert res.logits[0].diff <= 1e-4

@@ -6,7 +6,11 @@
 For each fixture: build the model from the fixture's ``config`` (lib.registry.config_from_fixture),
 load its ``state_dict`` STRICTLY through lib.checkpoint (LAVT: also as the two-part ``lavt``
 checkpoint described by ``lavt_variant['key_mapping']``), run ``inputs`` in eval / no_grad / float32
-and print the max abs difference of the logits and of every stored feature next to its tolerance.
+and print the max abs difference of the outputs (a tensor, a list of maps, a dict) and of every
+stored feature next to its tolerance; a fixture holding several networks (TRIS: ``stage1`` /
+``stage2``) is checked per network, training-mode outputs (``outputs_train``) on a freshly loaded
+model in train mode under no_grad. The LGFormer / TRIS files store their weights as a recipe:
+expand them first with ``expand_fixture.py``.
 The last line is one summary. Exit 0 when every logit difference is <= the fixture's output
 tolerance (1e-4) and every compared feature is within ``tolerance['features'][name]``; 1 on a
 mismatch; 2 when a fixture cannot be used (unreadable, unknown model).
@@ -88,8 +92,64 @@ def _run(model: torch.nn.Module, kwargs: dict[str, torch.Tensor]):
         return model(**kwargs, return_features=True)
 
 
-def check_fixture(path: str | Path, *, fused_attention: bool = True, print_fn: Callable[[str], None] = print) -> FixtureResult:
-    """Check one fixture; prints one line per compared tensor. Raises `FixtureError` if unusable."""
+def _compare(name: str, ours: Any, ref: Any, tol: Any) -> list[Row]:
+    """Rows comparing an output structure (tensor, list of tensors, dict of tensors) with the
+    reference's; ``tol`` is a number or the same structure of numbers. Reference entries named
+    ``loss*`` are loss values, not outputs (the model's ``loss`` is tested separately)."""
+    if torch.is_tensor(ref):
+        t = float(tol) if isinstance(tol, (int, float)) else DEFAULT_LOGIT_TOL
+        if not torch.is_tensor(ours):
+            return [Row(name, None, t, "not produced by our model")]
+        if tuple(ours.shape) != tuple(ref.shape):
+            return [Row(name, None, t, f"shape {list(ours.shape)} vs reference {list(ref.shape)}")]
+        return [Row(name, _max_diff(ours, ref), t)]
+    if isinstance(ref, (list, tuple)):
+        if not isinstance(ours, (list, tuple)) or len(ours) != len(ref):
+            return [Row(name, None, DEFAULT_LOGIT_TOL, f"{len(ref)} maps in the reference, ours differ")]
+        tols = tol if isinstance(tol, (list, tuple)) else [tol] * len(ref)
+        return [row for i, (o, r, t) in enumerate(zip(ours, ref, tols)) for row in _compare(f"{name}[{i}]", o, r, t)]
+    if isinstance(ref, Mapping):
+        if isinstance(ours, (list, tuple)) and "logits" in ref:  # a list of maps stored as {'logits': [...]}
+            return _compare(f"{name}.logits", ours, ref["logits"], tol.get("logits", tol) if isinstance(tol, Mapping) else tol)
+        rows = []
+        for k, r in ref.items():
+            if str(k).startswith("loss"):
+                continue
+            t = tol.get(k, DEFAULT_LOGIT_TOL) if isinstance(tol, Mapping) else tol
+            mine = ours.get(k) if isinstance(ours, Mapping) else None
+            rows += _compare(f"{name}.{k}", mine, r, t)
+        return rows
+    return []
+
+
+def _stage_views(fx: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A fixture holding several networks (``config['stages']``, e.g. TRIS) as one fixture per
+    network, named ``<model>_<stage>`` in the registry; other fixtures as they are."""
+    stages = fx["config"].get("stages")
+    if not stages:
+        return [fx]
+    views = []
+    for stage in stages:
+        view = {k: (v[stage] if isinstance(v, Mapping) and stage in v else v) for k, v in fx.items()
+                if k not in ("config", "tolerance", "inputs")}
+        view["config"] = dict(fx["config"], model=f"{fx['config']['model']}_{stage}")
+        view["inputs"] = fx["inputs"]
+        view["tolerance"] = {k: (v[stage] if isinstance(v, Mapping) and stage in v else v)
+                             for k, v in fx.get("tolerance", {}).items()}
+        views.append(view)
+    return views
+
+
+def _build_loaded(fx: Mapping[str, Any], cfg: dict[str, Any]) -> torch.nn.Module:
+    model = build_model(cfg)
+    load_model_state(model, extract_state_dict(fx["state_dict"]), strict=True)
+    return model
+
+
+def check_fixture(path: str | Path, *, fused_attention: bool = True,
+                  print_fn: Callable[[str], None] = print) -> list[FixtureResult]:
+    """Check one fixture file (one result per network it holds); prints one line per compared
+    tensor. Raises `FixtureError` if unusable."""
     path = Path(path)
     try:
         fx = safe_torch_load(path)
@@ -97,6 +157,13 @@ def check_fixture(path: str | Path, *, fused_attention: bool = True, print_fn: C
         raise FixtureError(str(exc)) from None
     if not isinstance(fx, Mapping) or not {"config", "state_dict", "inputs", "outputs"} <= set(fx):
         raise FixtureError(f"{path}: not a reference fixture (needs config, state_dict, inputs, outputs)")
+    if "weights_recipe" in fx:
+        raise FixtureError(f"{path}: compact fixture (weights stored as a recipe); expand it first with "
+                           f"expand_fixture.py IN OUT")
+    return [_check_view(path, view, fused_attention, print_fn) for view in _stage_views(fx)]
+
+
+def _check_view(path: Path, fx: Mapping[str, Any], fused_attention: bool, print_fn: Callable[[str], None]) -> FixtureResult:
     try:
         cfg = config_from_fixture(fx["config"])
     except UnknownModelError as exc:
@@ -104,19 +171,22 @@ def check_fixture(path: str | Path, *, fused_attention: bool = True, print_fn: C
     except (KeyError, TypeError, ValueError) as exc:
         raise FixtureError(f"{path}: cannot convert the fixture config: {exc}") from None
     cfg["fused_attn"] = fused_attention
-    model = build_model(cfg)
-    load_model_state(model, extract_state_dict(fx["state_dict"]), strict=True)
+    try:
+        model = _build_loaded(fx, cfg)
+    except CheckpointError as exc:
+        raise FixtureError(f"{path}: {str(exc).splitlines()[0]}") from None
 
     tol = fx.get("tolerance", {})
-    logit_tol = float(tol.get("outputs", DEFAULT_LOGIT_TOL))
+    logit_tol = tol.get("outputs", DEFAULT_LOGIT_TOL)
     feat_tol = tol.get("features", {})
     result = FixtureResult(str(path), cfg["model"])
-    print_fn(f"== {path.name}: model {cfg['model']} (swin {cfg['swin']['embed_dim']}/{cfg['swin']['depths']}/"
-             f"window {cfg['swin']['window_size']}), strict load OK, attention {'SDPA' if fused_attention else 'plain'}")
+    swin = cfg.get("swin")
+    sizes = f" (swin {swin['embed_dim']}/{swin['depths']}/window {swin['window_size']})" if swin else ""
+    print_fn(f"== {path.name}: model {cfg['model']}{sizes}, strict load OK, fast paths {'on' if fused_attention else 'off'}")
 
     args = _forward_args(model, fx["inputs"])
     logits, feats = _run(model, args)
-    result.logits.append(Row("logits", _max_diff(logits, fx["outputs"]), logit_tol))
+    result.logits += _compare("outputs", logits, fx["outputs"], logit_tol)
 
     variant = fx.get("lavt_variant")
     if isinstance(variant, Mapping):
@@ -130,18 +200,22 @@ def check_fixture(path: str | Path, *, fused_attention: bool = True, print_fn: C
         if str(variant.get("outputs_variant", "lavt_one")) != "lavt":  # logits stored for the other variant?
             other = variant.get("other_variant_outputs", fx.get("other_variant_outputs"))
             ref2 = other if torch.is_tensor(other) else ref2
-        result.logits.append(Row("logits (lavt, two-part checkpoint)", _max_diff(logits2, ref2), logit_tol))
+        result.logits += _compare("outputs (lavt, two-part checkpoint)", logits2, ref2, logit_tol)
 
-    ours = _flatten_features(feats)
-    for name, ref in _flatten_features(fx.get("features", {})).items():
-        t = float(feat_tol.get(name, DEFAULT_LOGIT_TOL))
-        mine = ours.get(name)
-        if mine is None:
-            result.features.append(Row(name, None, t, "not produced by our model"))
-        elif tuple(mine.shape) != tuple(ref.shape):
-            result.features.append(Row(name, None, t, f"shape {list(mine.shape)} vs reference {list(ref.shape)}"))
-        else:
-            result.features.append(Row(name, _max_diff(mine, ref), t))
+    def features(ours_raw: Mapping[str, Any], refs: Mapping[str, Any], tols: Mapping[str, Any], suffix: str) -> None:
+        ours = _flatten_features(ours_raw)
+        for name, ref in _flatten_features(refs).items():
+            result.features += _compare(name + suffix, ours.get(name), ref, float(tols.get(name, DEFAULT_LOGIT_TOL)))
+
+    features(feats, fx.get("features", {}), feat_tol, "")
+    if "outputs_train" in fx:
+        # Training-mode forward (BatchNorm on batch statistics) under no_grad, on a freshly loaded
+        # model so the eval numbers above are not affected by updated running statistics.
+        fresh = _build_loaded(fx, cfg).train()
+        with torch.no_grad():
+            out_t, feats_t = fresh(**args, return_features=True)
+        result.logits += _compare("outputs_train", out_t, fx["outputs_train"], tol.get("outputs_train", logit_tol))
+        features(feats_t, fx.get("features_train", {}) or {}, tol.get("features_train", {}) or {}, " (train)")
 
     for row in result.logits + result.features:
         diff = "   n/a   " if row.diff is None else f"{row.diff:.3e}"
@@ -162,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     unusable: list[str] = []
     for path in args.fixtures:
         try:
-            results.append(check_fixture(path, fused_attention=not args.plain_attention))
+            results += check_fixture(path, fused_attention=not args.plain_attention)
         except FixtureError as exc:
             print(f"error: {exc}")
             unusable.append(Path(path).name)
@@ -170,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = max((r.diff for res in results for r in res.logits if r.diff is not None), default=float("nan"))
     n_feat = sum(len(r.features) for r in results)
     n_feat_ok = sum(sum(f.ok for f in r.features) for r in results)
-    status = "PASS" if len(passed) == len(args.fixtures) else "FAIL"
-    line = (f"{status}: {len(passed)}/{len(args.fixtures)} fixtures match; worst logit max|d| {worst:.3e}; "
+    status = "PASS" if results and len(passed) == len(results) and not unusable else "FAIL"
+    line = (f"{status}: {len(passed)}/{len(results)} networks match; worst output max|d| {worst:.3e}; "
             f"features within tolerance {n_feat_ok}/{n_feat}")
     if unusable:
         line += f"; unusable: {', '.join(unusable)}"
