@@ -96,7 +96,7 @@ def ground_sample_distance(crs: Any, transform: Any, width: int, height: int) ->
         factor = crs.linear_units_factor[1] if hasattr(crs, "linear_units_factor") else 1.0
         return float((px + py) / 2 * factor)
     if crs.is_geographic:
-        _, lat = transform * (width / 2, height / 2)
+        lat = transform.f + transform.d * width / 2 + transform.e * height / 2
         m = 111_320.0
         return float((px * m * math.cos(math.radians(lat)) + py * m) / 2)
     return None
@@ -659,7 +659,8 @@ def select_components(components: list[dict[str, Any]], mode: str, k: int = 1, m
     cands = [dict(c) for c in components if c["area"] >= min_area_px]
     for c in cands:
         c["rank_score"] = c["score"] * c["prior"] if use_prior else c["score"]
-    cands.sort(key=lambda c: (-c["rank_score"], -c["area"], c["id"]))
+    # Scores equal to 1e-6 (float noise of the sums) rank by area, then by position.
+    cands.sort(key=lambda c: (-round(c["rank_score"], 6), -c["area"], c["id"]))
     for rank, c in enumerate(cands, 1):
         c["rank"] = rank
     if mode == "best":
