@@ -176,7 +176,7 @@ def plan_tiles(args, reader: sc.SceneReader, scorer: TileScorer) -> tuple[sc.Til
                         f"model's scale = {scorer.patch_grid * ratio:.0f} scene px)")
     if not 0.0 <= args.overlap <= 0.5:
         raise UserError(f"--overlap {args.overlap}: must be a fraction of the tile in [0, 0.5]")
-    plan = sc.TilingPlan(tile=tile, overlap=int(round(args.overlap * tile)), blend=args.blend,
+    plan = sc.TilingPlan(tile=tile, overlap=round(args.overlap * tile), blend=args.blend,
                          batch_size=args.batch_size, threshold=args.threshold)
     try:
         plan.check()
@@ -311,7 +311,8 @@ def run(args) -> int:
 
 
 def main() -> int:
-    return run(args_lib.get_predict_parser().parse_args())
+    with sc.gdal_env():
+        return run(args_lib.get_predict_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -35,9 +35,10 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,15 @@ def _rasterio():
     except ImportError:  # pragma: no cover - it is in requirements.txt
         raise SceneError("scene inference needs rasterio (pip install rasterio)") from None
     return rasterio
+
+
+GDAL_CACHE_MB = 256
+
+
+def gdal_env(cache_mb: int = GDAL_CACHE_MB):
+    """A rasterio environment with GDAL's block cache capped (its default, 5 % of the RAM, would let
+    the process grow with the scene on a large machine)."""
+    return _rasterio().Env(GDAL_CACHEMAX=int(cache_mb) * 2 ** 20)  # rasterio passes an int as bytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +438,7 @@ class ComponentTracker:
                 "csum": self.csum, "bbox": self.bbox, "last": self.last}
 
     @classmethod
-    def from_state(cls, width: int, state: dict[str, np.ndarray]) -> "ComponentTracker":
+    def from_state(cls, width: int, state: dict[str, np.ndarray]) -> ComponentTracker:
         t = cls(width)
         t.count = int(state["count"])
         for k in ("parent", "area", "psum", "csum", "bbox", "last"):
@@ -780,8 +790,8 @@ def write_gpkg(path: Path, features: list[dict[str, Any]], info: SceneInfo) -> s
 
 
 def write_overview(path: Path, reader: SceneReader, mask_path: Path, max_side: int = 1024) -> tuple[int, int]:
-    """A PNG of the scene decimated to ``max_side`` with the mask tinted over it; nodata greyed."""
-    import utils
+    """A PNG of the scene decimated to ``max_side`` with the mask tinted red over it, its outline drawn,
+    and nodata greyed."""
     from PIL import Image
 
     rasterio = _rasterio()
@@ -790,7 +800,13 @@ def write_overview(path: Path, reader: SceneReader, mask_path: Path, max_side: i
     picture, valid = reader.read_decimated(max_side)
     with rasterio.open(mask_path) as src:
         mask = src.read(1, out_shape=picture.shape[:2], resampling=Resampling.nearest)
-    pic = utils.overlay(picture, mask == 1)
+    m = mask == 1
+    pic = picture.astype(np.float32)
+    pic[m] = 0.55 * pic[m] + 0.45 * np.array([255, 40, 40], np.float32)
+    inner = np.pad(m, 1)
+    inner = inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+    pic[m & ~inner] = (255, 40, 40)
+    pic = pic.clip(0, 255).astype(np.uint8)
     nod = (mask == NODATA) | ~valid
     pic[nod] = (0.5 * pic[nod] + 64).astype(np.uint8)
     Image.fromarray(pic).save(path)

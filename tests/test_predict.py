@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 rasterio = pytest.importorskip("rasterio")
-from PIL import Image  # noqa: E402
-
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT
+from PIL import Image
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")]

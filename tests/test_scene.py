@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 rasterio = pytest.importorskip("rasterio")
-from rasterio.transform import from_origin  # noqa: E402
+from rasterio.transform import from_origin
 
-from data import scene as sc  # noqa: E402
+from data import scene as sc
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")]
@@ -169,7 +169,7 @@ def test_components_merge_across_tile_and_block_borders(tmp_path):
     img[20:580, 140:160] = 220   # a long bar crossing many tiles and two 256-row blocks
     img[50:60, 20:30] = 220      # a small square
     scene = write_rgb(tmp_path / "s.tif", img)
-    res, probs, labels = run_pass(tmp_path, scene, bright, sc.TilingPlan(tile=64, overlap=16, blend="cosine"))
+    res, _, labels = run_pass(tmp_path, scene, bright, sc.TilingPlan(tile=64, overlap=16, blend="cosine"))
     tracker = res.writers[0].tracker
     comps = sorted(tracker.components(), key=lambda c: -c["area"])
     assert [c["area"] for c in comps] == [560 * 20, 100]
@@ -196,7 +196,7 @@ def test_polygons_rasterise_back_onto_the_mask_in_the_scene_crs(tmp_path):
         cy, cx, r = rng.integers(20, 236), rng.integers(20, 300), rng.integers(5, 18)
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 220
     scene = write_rgb(tmp_path / "s.tif", img)
-    res, probs, labels = run_pass(tmp_path, scene, bright, sc.TilingPlan(tile=64, overlap=16, blend="cosine"))
+    res, _, labels = run_pass(tmp_path, scene, bright, sc.TilingPlan(tile=64, overlap=16, blend="cosine"))
     info = sc.SceneReader(scene).info
     t = res.writers[0].tracker
     feats = sc.component_polygons(info, labels[0], t.roots(), sc.select_components(t.components(), "all"))
@@ -240,7 +240,7 @@ def test_interrupted_pass_resumes_to_the_same_result(tmp_path):
         run_pass(split, scene, flaky, plan, index=sc.TileIndex(split / "s.tiles.json", {"a": 1}))
     meta = json.loads((split / "s.tiles.json").read_text())
     assert 0 < meta["rows_done"] < h and meta["rows_done"] % sc.BLOCK == 0 and meta["tiles_done"] > 0
-    res, pp, pl = run_pass(split, scene, bright, plan, index=sc.TileIndex(split / "s.tiles.json", {"a": 1}))
+    res, pp, _ = run_pass(split, scene, bright, plan, index=sc.TileIndex(split / "s.tiles.json", {"a": 1}))
     assert res.resumed_from_row == meta["rows_done"] and res.scored < first.scored  # done strips not re-run
     np.testing.assert_array_equal(read(sp[0]), read(pp[0]))
     a, b = res.writers[0].tracker.components(), first.writers[0].tracker.components()
