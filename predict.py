@@ -269,11 +269,10 @@ def run(args) -> int:
             chosen = sc.select_components(components, mode, topk, min_area_px,
                                           use_prior=prior is not None)
             sc.write_mask(info, p["labels"], part(p["mask"]), roots, [c["id"] for c in chosen])
-            feats = sc.component_polygons(info, p["labels"], roots, chosen, args.simplify)
-            for f in feats:
-                f["properties"]["sentence"] = sentence
-            sc.write_geojson(part(p["geojson"]), feats, info, sentence)
-            gpkg_note = sc.write_gpkg(part(p["gpkg"]), feats, info)
+            polygons = sc.write_geojson(part(p["geojson"]), sc.component_polygons(
+                info, p["labels"], roots, chosen, args.simplify, sentence), info, sentence)
+            gpkg_note = sc.write_gpkg(part(p["gpkg"]), sc.component_polygons(
+                info, p["labels"], roots, chosen, args.simplify, sentence), info)
             os.replace(part(p["prob"]), p["prob"])
             os.replace(part(p["mask"]), p["mask"])
             os.replace(part(p["geojson"]), p["geojson"])
@@ -285,11 +284,11 @@ def run(args) -> int:
                 "sentence": sentence, "probability": str(p["prob"]), "mask": str(p["mask"]),
                 "geojson": str(p["geojson"]), "gpkg": str(p["gpkg"]) if gpkg_note is None else None,
                 "gpkg_note": gpkg_note, "overview": str(p["overview"]), "overview_size": list(overview),
-                "components": len(components), "polygons": len(feats),
+                "components": len(components), "polygons": polygons,
                 "selected": [{k: c[k] for k in ("id", "rank", "score", "area", "bbox")}
                              | ({"prior": c["prior"]} if prior is not None else {}) for c in chosen[:50]],
             })
-            print(f"[predict] {sentence!r}: {len(chosen)} component(s) kept ({mode}), {len(feats)} polygon(s) "
+            print(f"[predict] {sentence!r}: {len(chosen)} component(s) kept ({mode}), {polygons} polygon(s) "
                   f"-> {p['mask']}")
         summary = {
             "scene": info.path, "width": info.width, "height": info.height, "crs": info.crs_text(),
@@ -310,7 +309,15 @@ def run(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame) -> None:
+    # A job scheduler's SIGTERM unwinds like Ctrl-C, so the tile index of the rows on disk is saved.
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
     with sc.gdal_env():
         return run(args_lib.get_predict_parser().parse_args())
 

@@ -58,12 +58,12 @@ def measure(scene: str, out: str, tile: int) -> dict:
         comps = tracker.components()
         chosen = sc.select_components(comps, "all", min_area_px=20)
         sc.write_mask(info, outd / "l.tif", outd / "m.tif", roots, [c["id"] for c in chosen])
-        feats = sc.component_polygons(info, outd / "l.tif", roots, chosen)
-        sc.write_geojson(outd / "p.geojson", feats, info, "s")
+        polygons = sc.write_geojson(outd / "p.geojson", sc.component_polygons(info, outd / "l.tif", roots, chosen),
+                                    info, "s")
         sc.write_overview(outd / "o.png", reader, outd / "m.tif")
         reader.close()
     return {"size": [info.width, info.height], "tiles": res.tiles, "components": len(comps),
-            "polygons": len(feats), "seconds": round(time.time() - t0, 1), "rss_after_imports_mb": round(base, 1),
+            "polygons": polygons, "seconds": round(time.time() - t0, 1), "rss_after_imports_mb": round(base, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 

@@ -35,7 +35,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ def _rasterio():
     return rasterio
 
 
-GDAL_CACHE_MB = 256
+GDAL_CACHE_MB = 64
 
 
 def gdal_env(cache_mb: int = GDAL_CACHE_MB):
@@ -365,7 +365,7 @@ class ComponentTracker:
         self.psum = np.zeros(1, np.float64)
         self.csum = np.zeros(1, np.float64)
         self.bbox = np.zeros((1, 4), np.int64)  # x0, y0, x1, y1 (exclusive)
-        self.last = np.zeros(width, np.int64)
+        self.last = np.zeros(width, np.int32)
 
     def _find(self, a: int) -> int:
         p = self.parent
@@ -377,22 +377,20 @@ class ComponentTracker:
         return root
 
     def add(self, y0: int, fg: np.ndarray, probs: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
-        """Label a band starting at scene row ``y0``; returns provisional labels ``(r, W)`` int64."""
+        """Label a band starting at scene row ``y0``; returns provisional labels ``(r, W)`` int32."""
         from scipy import ndimage
 
-        lab, n = ndimage.label(fg)
-        lab = lab.astype(np.int64)
+        lab, n = ndimage.label(fg)  # int32, 1..n; kept int32 (these bands span the scene width)
         if n:
-            lab[lab > 0] += self.count
-            ids = lab.ravel()
-            size = self.count + n + 1
-            area = np.bincount(ids, minlength=size)[self.count + 1:]
-            psum = np.bincount(ids, weights=probs.ravel().astype(np.float64), minlength=size)[self.count + 1:]
-            csum = (np.bincount(ids, weights=prior.ravel().astype(np.float64), minlength=size)[self.count + 1:]
-                    if prior is not None else np.zeros(n))
             boxes = np.array([[s[1].start, s[0].start + y0, s[1].stop, s[0].stop + y0]
-                              for s in ndimage.find_objects(lab - np.where(lab > 0, self.count, 0))], np.int64)
-            self.parent = np.concatenate([self.parent, np.arange(self.count + 1, size)])
+                              for s in ndimage.find_objects(lab)], np.int64)
+            flat = lab.ravel()
+            area = np.bincount(flat, minlength=n + 1)[1:]
+            psum = np.bincount(flat, weights=probs.ravel(), minlength=n + 1)[1:]
+            csum = (np.bincount(flat, weights=prior.ravel(), minlength=n + 1)[1:]
+                    if prior is not None else np.zeros(n))
+            lab[lab > 0] += self.count
+            self.parent = np.concatenate([self.parent, np.arange(self.count + 1, self.count + n + 1)])
             self.area = np.concatenate([self.area, area])
             self.psum = np.concatenate([self.psum, psum])
             self.csum = np.concatenate([self.csum, csum])
@@ -424,13 +422,16 @@ class ComponentTracker:
         area = np.bincount(inv, weights=self.area[1:])
         psum = np.bincount(inv, weights=self.psum[1:])
         csum = np.bincount(inv, weights=self.csum[1:])
+        boxes = self.bbox[1:]
+        lo = np.full((len(uniq), 2), np.iinfo(np.int64).max, np.int64)
+        hi = np.full((len(uniq), 2), -1, np.int64)
+        np.minimum.at(lo, inv, boxes[:, :2])
+        np.maximum.at(hi, inv, boxes[:, 2:])
         out = []
         for k, root in enumerate(uniq.tolist()):
-            boxes = self.bbox[1:][inv == k]
             out.append({"id": int(root), "area": int(area[k]), "score": float(psum[k] / area[k]),
                         "prior": float(csum[k] / area[k]),
-                        "bbox": [int(boxes[:, 0].min()), int(boxes[:, 1].min()),
-                                 int(boxes[:, 2].max()), int(boxes[:, 3].max())]})
+                        "bbox": [int(lo[k, 0]), int(lo[k, 1]), int(hi[k, 0]), int(hi[k, 1])]})
         return out
 
     def state(self) -> dict[str, np.ndarray]:
@@ -486,7 +487,7 @@ class BandWriter:
         self.prob.write(np.where(v, np.rint(p * 254), NODATA).astype(np.uint8)[None], window=win)
         fg = v & (p > self.threshold)
         lab = self.tracker.add(self.written, fg, np.where(fg, p, 0), None if c is None else np.where(fg, c, 0))
-        self.labels.write(np.where(v, lab, -1).astype(np.int32)[None], window=win)
+        self.labels.write(np.where(v, lab, np.int32(-1)).astype(np.int32, copy=False)[None], window=win)
         self.written += rows
 
     def close(self) -> None:
@@ -691,7 +692,7 @@ def write_mask(info: SceneInfo, label_path: Path, mask_path: Path, roots: np.nda
     with rasterio.open(label_path) as src, open_geotiff(mask_path, info, "uint8", NODATA) as dst:
         for y0 in range(0, info.height, BLOCK):
             win = Window(0, y0, info.width, min(BLOCK, info.height - y0))
-            lab = src.read(1, window=win).astype(np.int64)
+            lab = src.read(1, window=win)
             out = np.where(lab < 0, NODATA, lut[np.maximum(lab, 0)]).astype(np.uint8)
             dst.write(out[None], window=win)
 
@@ -736,43 +737,52 @@ def ring_area(ring: np.ndarray) -> float:
 
 
 def component_polygons(info: SceneInfo, label_path: Path, roots: np.ndarray, selected: Sequence[dict[str, Any]],
-                       simplify: float = 0.0) -> list[dict[str, Any]]:
-    """GeoJSON features (scene CRS coordinates) of the selected components, each read from the
-    label raster inside its bounding box only and traced by ``rasterio.features.shapes``."""
+                       simplify: float = 0.0, sentence: str | None = None) -> Iterator[dict[str, Any]]:
+    """GeoJSON features (scene CRS coordinates) of the selected components, one at a time: each is
+    read from the label raster inside its bounding box only and traced by ``rasterio.features.shapes``
+    (4-connectivity, as the components), so memory does not grow with the number of objects."""
     rasterio = _rasterio()
     from rasterio.features import shapes
     from rasterio.windows import Window
     from rasterio.windows import transform as window_transform
 
-    feats = []
     with rasterio.open(label_path) as src:
         for c in selected:
             x0, y0, x1, y1 = c["bbox"]
             win = Window(x0, y0, x1 - x0, y1 - y0)
-            lab = src.read(1, window=win).astype(np.int64)
+            lab = src.read(1, window=win)
             m = (lab > 0) & (roots[np.maximum(lab, 0)] == c["id"])
             tr = window_transform(win, info.transform)
             for geom, _ in shapes(m.astype(np.uint8), mask=m, connectivity=4, transform=tr):
                 rings = [simplify_ring(np.asarray(r, np.float64), simplify) for r in geom["coordinates"]]
                 geom = {"type": "Polygon", "coordinates": [r.tolist() for r in rings]}
                 area = ring_area(rings[0]) - sum(ring_area(r) for r in rings[1:])
-                feats.append({"type": "Feature", "geometry": geom,
-                              "properties": {"component": c["id"], "rank": c.get("rank"),
-                                             "score": round(c["score"], 6), "area": round(area, 6),
-                                             "pixels": c["area"]}})
-    return feats
+                props = {"component": c["id"], "rank": c.get("rank"), "score": round(c["score"], 6),
+                         "area": round(area, 6), "pixels": c["area"]}
+                if sentence is not None:
+                    props["sentence"] = sentence
+                yield {"type": "Feature", "geometry": geom, "properties": props}
 
 
-def write_geojson(path: Path, features: list[dict[str, Any]], info: SceneInfo, sentence: str) -> None:
-    fc: dict[str, Any] = {"type": "FeatureCollection", "name": sentence, "features": features}
+def write_geojson(path: Path, features: Iterable[dict[str, Any]], info: SceneInfo, sentence: str) -> int:
+    """Stream a FeatureCollection (with the scene CRS as a named ``crs`` member when there is one);
+    returns the number of features."""
+    head: dict[str, Any] = {"type": "FeatureCollection", "name": sentence}
     if info.crs is not None:
         epsg = info.crs.to_epsg()
         name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else info.crs.to_wkt()
-        fc["crs"] = {"type": "name", "properties": {"name": name}}
-    path.write_text(json.dumps(fc))
+        head["crs"] = {"type": "name", "properties": {"name": name}}
+    count = 0
+    with open(path, "w") as f:
+        f.write(json.dumps(head)[:-1] + ', "features": [')
+        for feat in features:
+            f.write(("," if count else "") + "\n" + json.dumps(feat))
+            count += 1
+        f.write("\n]}\n")
+    return count
 
 
-def write_gpkg(path: Path, features: list[dict[str, Any]], info: SceneInfo) -> str | None:
+def write_gpkg(path: Path, features: Iterable[dict[str, Any]], info: SceneInfo) -> str | None:
     """A GeoPackage through fiona when it is installed with the GPKG driver; returns why not otherwise."""
     try:
         import fiona
@@ -781,7 +791,7 @@ def write_gpkg(path: Path, features: list[dict[str, Any]], info: SceneInfo) -> s
     if "GPKG" not in fiona.supported_drivers:
         return "GDAL's GPKG driver is not available"
     schema = {"geometry": "Polygon", "properties": {"component": "int", "rank": "int", "score": "float",
-                                                    "area": "float", "pixels": "int"}}
+                                                    "area": "float", "pixels": "int", "sentence": "str"}}
     crs_wkt = info.crs.to_wkt() if info.crs is not None else ""
     with fiona.open(path, "w", driver="GPKG", schema=schema, crs_wkt=crs_wkt) as dst:
         for f in features:

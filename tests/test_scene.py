@@ -178,7 +178,7 @@ def test_components_merge_across_tile_and_block_borders(tmp_path):
     info = sc.SceneReader(scene).info
     roots = tracker.roots()
     best = sc.select_components(tracker.components(), "topk", 2)
-    feats = sc.component_polygons(info, labels[0], roots, best)
+    feats = list(sc.component_polygons(info, labels[0], roots, best))
     assert len(feats) == 2
     assert feats[0]["properties"]["area"] == pytest.approx(560 * 20 * 0.25)  # CRS m^2 (0.5 m pixels)
     sc.write_mask(info, labels[0], tmp_path / "m.tif", roots, [comps[1]["id"]])
@@ -200,7 +200,7 @@ def test_polygons_rasterise_back_onto_the_mask_in_the_scene_crs(tmp_path):
     info = sc.SceneReader(scene).info
     t = res.writers[0].tracker
     feats = sc.component_polygons(info, labels[0], t.roots(), sc.select_components(t.components(), "all"))
-    sc.write_geojson(tmp_path / "p.geojson", feats, info, "s")
+    assert sc.write_geojson(tmp_path / "p.geojson", feats, info, "s") == 6
     fc = json.loads((tmp_path / "p.geojson").read_text())
     assert fc["crs"]["properties"]["name"].endswith("32633")
     burnt = rasterize([(f["geometry"], 1) for f in fc["features"]], out_shape=(256, 320), transform=TR)
