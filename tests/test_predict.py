@@ -226,3 +226,17 @@ def test_bad_input_gives_one_line_and_no_output(model, tmp_path):
             predict_mod.run(args_lib.get_predict_parser().parse_args(argv))
         assert "\n" not in str(e.value)
     assert not out.exists() or not [p for p in out.iterdir() if p.suffix in (".tif", ".geojson", ".json", ".png")]
+
+
+def test_several_sentences_in_one_run_equal_separate_runs(model, big_scene, tmp_path):
+    scene = crop_scene(big_scene["scene"], tmp_path / "crop.tif", 1500, 900, 200, 150)
+    texts = ("the white storage tank", "the red ship")
+    both = predict(model["ckpt"], scene, tmp_path / "both", "--mode", "all", text=texts)
+    assert [s["sentence"] for s in both["sentences"]] == list(texts)
+    for k, t in enumerate(texts):
+        one = predict(model["ckpt"], scene, tmp_path / f"one{k}", "--mode", "all", text=(t,))
+        a = read(both["sentences"][k]["probability"])[0].astype(int)
+        b = read(one["sentences"][0]["probability"])[0].astype(int)
+        assert np.abs(a - b).max() <= 1
+    p0, p1 = (read(s["probability"])[0] for s in both["sentences"])
+    assert (p0 != p1).any()  # the sentence matters

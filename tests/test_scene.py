@@ -286,3 +286,14 @@ def test_bad_scenes_give_one_line(tmp_path):
         r = sc.SceneReader(write_rgb(tmp_path / "plain.tif", img, crs=None, transform=rasterio.Affine.identity()))
     assert r.info.gsd is None and not r.info.georeferenced
     r.close()
+
+
+def test_a_16_bit_scene_is_stretched_to_8_bit_in_order(tmp_path):
+    ramp16 = np.tile((np.arange(200, dtype=np.uint16) * 50 + 1000)[None, :, None], (50, 1, 3))
+    scene = write_rgb(tmp_path / "u16.tif", ramp16)
+    r = sc.SceneReader(scene)
+    img, valid = r.read(0, 0, 200, 50)
+    r.close()
+    assert img.dtype == np.uint8 and valid.all()
+    row = img[0, :, 0].astype(int)
+    assert (np.diff(row) >= 0).all() and row[0] == 0 and row[-1] == 255  # 2-98 % stretch, clipped
