@@ -78,9 +78,15 @@ class TileScorer:
         del ckpt
         self.model.to(device).eval()
         self.device, self.amp = device, amp
-        self.size = int(saved.get("img_size") or config.get("img_size") or 480)
-        if isinstance(config.get("img_size"), (list, tuple)):
-            self.size = int(config["img_size"][0])
+        # Models described by a ModelSpec (engine.spec_of) name their forward inputs, normalisation,
+        # default size and token limit; older builds take the word-mask flag instead.
+        spec = engine.spec_of(self.model) if hasattr(engine, "spec_of") else None
+        self._input_keys = tuple(spec.inputs) if spec is not None else None
+        self._mean_std = (spec.mean, spec.std) if spec is not None else ()
+        self.word_masks = spec.text.word_masks if spec is not None else engine.uses_word_masks(self.model)
+        default_size = getattr(spec, "default_img_size", 480)
+        size = saved.get("img_size") or config.get("img_size") or default_size
+        self.size = int(size[0] if isinstance(size, (list, tuple)) else size)
         swin = config.get("swin", {})
         # The coarsest feature map is patch_size * 2^(stages - 1) times smaller than the input.
         self.patch_grid = int(swin.get("patch_size", 4)) * 2 ** (len(swin.get("depths", [0] * 4)) - 1)
@@ -88,7 +94,8 @@ class TileScorer:
         if not self.tokenizer_dir:
             raise UserError("--bert_tokenizer: not stored in the checkpoint; pass the tokenizer folder")
         self.dataset = dataset or saved.get("dataset") or "rrsisd"
-        self.max_tokens = int(max_tokens or saved.get("max_tokens") or 20)
+        context = spec.text.context_length if spec is not None else None
+        self.max_tokens = int(max_tokens or saved.get("max_tokens") or context or 20)
         gsd = saved.get("model_gsd") or config.get("gsd")
         self.gsd: float | None = float(gsd) if gsd else DATASET_GSD.get(self.dataset)
         self.model_name = config.get("model")
@@ -100,7 +107,7 @@ class TileScorer:
             import demo
 
             self._texts[sentence] = demo.encode_sentences([sentence], self.tokenizer_dir, self.max_tokens,
-                                                          engine.uses_word_masks(self.model), self.dataset)
+                                                          self.word_masks, self.dataset)
         return self._texts[sentence]
 
     def _images(self, tiles: np.ndarray) -> torch.Tensor:
@@ -110,7 +117,8 @@ class TileScorer:
         from data.transforms import image_to_tensor
 
         s = self.size
-        batch = torch.stack([image_to_tensor(Image.fromarray(t).resize((s, s), Image.BILINEAR)) for t in tiles])
+        batch = torch.stack([image_to_tensor(Image.fromarray(t).resize((s, s), Image.BILINEAR), *self._mean_std)
+                             for t in tiles])
         self._last = (tiles, batch)
         return batch
 
@@ -119,9 +127,12 @@ class TileScorer:
         b, h, w = tiles.shape[:3]
         text = {k: v.expand(b, -1) for k, v in self._text(sentence).items()}
         batch = {"image": self._images(tiles), **text}
-        word_masks = engine.uses_word_masks(self.model)
+        if self._input_keys is not None:
+            inputs = engine.model_inputs(engine.to_device(batch, self.device), self._input_keys)
+        else:
+            inputs = engine.model_inputs(batch, self.device, self.word_masks)
         with engine.autocast(self.device, self.amp):
-            outputs = self.model(**engine.model_inputs(batch, self.device, word_masks))
+            outputs = self.model(**inputs)
         if hasattr(self.model, "predict_scores"):
             probs = self.model.predict_scores(outputs, (h, w))
         else:
