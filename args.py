@@ -175,3 +175,50 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
     if len(values) != 4:
         raise ValueError(f"{flag} {text!r}: expected four values, one per Swin stage")
     return values
+
+
+def get_predict_parser() -> argparse.ArgumentParser:
+    """predict.py: one or more sentences over a whole (georeferenced) scene, tile by tile."""
+    p = argparse.ArgumentParser(description="Segment what a sentence refers to over a whole scene (GeoTIFF)",
+                                allow_abbrev=False)
+    p.add_argument("--resume", required=True, help="OpenRRSIS checkpoint (train.py's checkpoint_*.pth)")
+    p.add_argument("--scene", required=True, help="scene raster (GeoTIFF or any GDAL format; first 3 bands = RGB)")
+    p.add_argument("--text", action="append", required=True, help="referring sentence (repeat for several)")
+    p.add_argument("--out", default="./predict_out", help="output folder")
+    g = p.add_argument_group("tiling")
+    g.add_argument("--tile", default=None, type=int,
+                   help="window side in scene pixels (default: the model's input size at its training scale)")
+    g.add_argument("--overlap", default=0.25, type=float, help="overlap between windows, fraction of --tile in [0, 0.5]")
+    g.add_argument("--blend", default="cosine", choices=["none", "linear", "cosine"],
+                   help="how overlapping probabilities are weighted (none: hard cut in the middle of the overlap)")
+    g.add_argument("--scene_gsd", default=None, type=float,
+                   help="scene metres per pixel (default: from the geotransform)")
+    g.add_argument("--model_gsd", default=None, type=float,
+                   help="metres per pixel of the training images (default: stored in the checkpoint or known for "
+                        "the dataset, e.g. RefSegRS 0.13; else no resampling)")
+    g.add_argument("-b", "--batch_size", "--batch-size", dest="batch_size", default=8, type=int,
+                   help="tiles per forward pass")
+    g = p.add_argument_group("selection and outputs")
+    g.add_argument("--mode", nargs="+", default=["best"], metavar="MODE",
+                   help="all (union of every component, class-like sentences), best (the best connected component) "
+                        "or 'topk K' (K candidates with scores)")
+    g.add_argument("--context_pass", action="store_true",
+                   help="first score the whole scene downsampled to one model input and rank components by "
+                        "their mean probability times that coarse prior (relative expressions)")
+    g.add_argument("--threshold", default=0.5, type=float, help="probability threshold, applied once after blending")
+    g.add_argument("--min_area", default=0.0, type=float,
+                   help="drop components smaller than this, in CRS units squared (pixels if not georeferenced)")
+    g.add_argument("--simplify", default=0.0, type=float,
+                   help="Douglas-Peucker tolerance of the polygons in CRS units (pixels if not georeferenced)")
+    g.add_argument("--overview_size", default=1024, type=int, help="longest side of the overview PNG")
+    g.add_argument("--restart", action="store_true", help="ignore the sidecar tile index of an interrupted run")
+    g = p.add_argument_group("model")
+    g.add_argument("--bert_tokenizer", default=None, help="tokenizer folder (default: the one used in training)")
+    g.add_argument("--dataset", default=None,
+                   help="class vocabulary for FIANet word masks: rrsisd or refsegrs (default: the training dataset)")
+    g.add_argument("--max_tokens", default=None, type=int, help="token limit (default: the training one)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
