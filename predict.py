@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import args as args_lib
@@ -61,9 +60,9 @@ class TileScorer:
 
     Loads an OpenRRSIS checkpoint once; ``scores(tiles, sentence)`` resizes each ``(h, w, 3)`` uint8
     tile to the model input (PIL bilinear, as in training), runs the model on the batch and returns
-    ``(B, h, w)`` float32 probabilities: ``model.predict_scores(outputs, (h, w))`` where the model has
-    it, else the softmax foreground of the logits bilinearly resized to ``(h, w)`` (as demo.py resizes
-    them before its argmax, so ``p > 0.5`` is demo.py's mask).
+    ``(B, h, w)`` float32 probabilities: ``model.predict_scores(outputs, (h, w))``, the model's own
+    foreground probability at the tile's resolution (for two-class logits the softmax of the
+    logits resized as demo.py resizes them, so ``p > 0.5`` is demo.py's mask).
     """
 
     def __init__(self, checkpoint_path: str, device: torch.device, amp: str, tokenizer_dir: str | None = None,
@@ -78,24 +77,19 @@ class TileScorer:
         del ckpt
         self.model.to(device).eval()
         self.device, self.amp = device, amp
-        # Models described by a ModelSpec (engine.spec_of) name their forward inputs, normalisation,
-        # default size and token limit; older builds take the word-mask flag instead.
-        spec = engine.spec_of(self.model) if hasattr(engine, "spec_of") else None
-        self._input_keys = tuple(spec.inputs) if spec is not None else None
-        self._mean_std = (spec.mean, spec.std) if spec is not None else ()
-        self.word_masks = spec.text.word_masks if spec is not None else engine.uses_word_masks(self.model)
-        default_size = getattr(spec, "default_img_size", 480)
-        size = saved.get("img_size") or config.get("img_size") or default_size
+        # The model's spec names its forward inputs, normalisation, default size and token limit.
+        spec = engine.spec_of(self.model)
+        self._input_keys = tuple(spec.inputs)
+        self._mean_std = (spec.mean, spec.std)
+        self.word_masks = spec.text.word_masks
+        size = saved.get("img_size") or config.get("img_size") or spec.default_img_size
         self.size = int(size[0] if isinstance(size, (list, tuple)) else size)
-        swin = config.get("swin", {})
-        # The coarsest feature map is patch_size * 2^(stages - 1) times smaller than the input.
-        self.patch_grid = int(swin.get("patch_size", 4)) * 2 ** (len(swin.get("depths", [0] * 4)) - 1)
+        self.patch_grid = spec.output_stride  # the coarsest feature map is this many times smaller
         self.tokenizer_dir = tokenizer_dir or saved.get("bert_tokenizer")
         if not self.tokenizer_dir:
             raise UserError("--bert_tokenizer: not stored in the checkpoint; pass the tokenizer folder")
         self.dataset = dataset or saved.get("dataset") or "rrsisd"
-        context = spec.text.context_length if spec is not None else None
-        self.max_tokens = int(max_tokens or saved.get("max_tokens") or context or 20)
+        self.max_tokens = int(max_tokens or saved.get("max_tokens") or spec.text.context_length or 20)
         gsd = saved.get("model_gsd") or config.get("gsd")
         self.gsd: float | None = float(gsd) if gsd else DATASET_GSD.get(self.dataset)
         self.model_name = config.get("model")
@@ -127,18 +121,10 @@ class TileScorer:
         b, h, w = tiles.shape[:3]
         text = {k: v.expand(b, -1) for k, v in self._text(sentence).items()}
         batch = {"image": self._images(tiles), **text}
-        if self._input_keys is not None:
-            inputs = engine.model_inputs(engine.to_device(batch, self.device), self._input_keys)
-        else:
-            inputs = engine.model_inputs(batch, self.device, self.word_masks)
+        inputs = engine.model_inputs(engine.to_device(batch, self.device), self._input_keys)
         with engine.autocast(self.device, self.amp):
             outputs = self.model(**inputs)
-        if hasattr(self.model, "predict_scores"):
-            probs = self.model.predict_scores(outputs, (h, w))
-        else:
-            logits = F.interpolate(outputs.float(), size=(h, w), mode="bilinear", align_corners=True)
-            probs = logits.softmax(1)[:, 1]
-        return probs.float().cpu().numpy()
+        return self.model.predict_scores(outputs, (h, w)).float().cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------

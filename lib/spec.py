@@ -96,7 +96,8 @@ class ModelSpec:
     validation / the reference's test script evaluate (``all`` or ``one-per-ref``). ``inputs`` / ``train_inputs``: batch keys the forward takes in eval / training.
     ``mean`` / ``std``: image normalisation. ``pretrained_missing``: regexes of the model keys
     expected to stay missing when the ImageNet backbone / language weights are loaded; any other
-    missing key is an error. ``tiny``: ``build_config`` options of a seconds-on-a-CPU model (tests,
+    missing key is an error. ``output_stride``: how many times smaller the coarsest feature
+    map is than the input (the smallest useful tile). ``tiny``: ``build_config`` options of a seconds-on-a-CPU model (tests,
     quick starts, ``bench --setting tiny``).
     """
 
@@ -114,6 +115,7 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     pretrained_missing: tuple[str, ...] = ()
     default_img_size: int = 480
+    output_stride: int = 32
     tiny: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
