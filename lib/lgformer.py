@@ -697,7 +697,7 @@ SPEC = ModelSpec(
     sync_bn=False,  # no BatchNorm anywhere (the reference's SyncBatchNorm conversion is a no-op)
     val_protocol="all",
     inputs=("image", "text", "l_mask"),
-    text=TextSide(tokenizer="bert"),
+    text=TextSide(tokenizer="bert", context_length=TEXT_LEN),  # the key embedding fixes exactly 20 tokens
     pretrained_missing=(
         r"backbone\.layers\.\d+\.(fusion|res_gate|sym_res_gate)\.",
         r"backbone\.norm\d+\.",
