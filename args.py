@@ -45,6 +45,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights")
     g.add_argument("--bert_tokenizer", default="./pretrained_weights/bert-base-uncased",
                    help="local folder with vocab.txt")
+    g.add_argument("--clip_bpe", default=None,
+                   help="CLIP models: a local bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip_torch)")
     g.add_argument("--ck_bert", default="./pretrained_weights/bert-base-uncased",
                    help="local BERT folder (config.json, optional weights)")
     g.add_argument("--pretrained_swin_weights", default="",

@@ -134,11 +134,6 @@ def resolve_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
         raise UserError(str(e)) from None
 
 
-def model_uses_word_masks(name: str) -> bool:
-    """Whether a registered model reads the ground-object / position word masks."""
-    return registry.model_spec(name).text.word_masks
-
-
 def checkpoint_model_name(ckpt: dict[str, Any]) -> str | None:
     cfg = ckpt.get("config")
     return cfg.get("model") if isinstance(cfg, dict) else None
@@ -202,17 +197,29 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str, args: argparse.Namesp
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+def tokenizer_name(args: argparse.Namespace, spec: ModelSpec) -> str:
+    """The data side's tokenizer for a model: its BERT folder (``--bert_tokenizer``) or CLIP's BPE
+    (``--clip_bpe``, default the vocabulary shipped with open_clip_torch)."""
+    from data.tokenizer import clip_name
+
+    if spec.text.tokenizer == "clip":
+        return clip_name(getattr(args, "clip_bpe", None))
+    return args.bert_tokenizer
+
+
 def build_dataset(args: argparse.Namespace, split: str, mode: str, eval_protocol: str = "all"):
     from data import datasets
+
+    spec = registry.model_spec(args.model)
 
     kwargs: dict[str, Any] = dict(img_size=args.img_size, max_tokens=args.max_tokens, mode=mode,
                                   eval_protocol=eval_protocol, seed=args.seed, cache_dir=args.cache_dir,
                                   # NLTK word masks only for the models that read them (FIANet)
-                                  word_masks=model_uses_word_masks(args.model))
+                                  word_masks=spec.text.word_masks, mean=spec.mean, std=spec.std)
     if args.dataset in datasets.REFER_DATASETS and args.splitBy:
         kwargs["splitBy"] = args.splitBy
     try:
-        ds = datasets.build_dataset(args.dataset, args.refer_data_root, split, args.bert_tokenizer, **kwargs)
+        ds = datasets.build_dataset(args.dataset, args.refer_data_root, split, tokenizer_name(args, spec), **kwargs)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         raise UserError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
     if len(ds) == 0:

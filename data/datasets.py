@@ -54,7 +54,7 @@ from PIL import Image
 from refer.refer import IMAGE_DIRS, REFER, ReferError
 
 from .tokenizer import check_tokenizer_folder
-from .transforms import SegmentationTransform, black_box, choose_black_box_refs
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, black_box, choose_black_box_refs
 from .word_masks import DATASET_CLASSES, TextFeatures, build_text_features, default_cache_dirs
 
 __all__ = ["DatasetError", "DatasetFileNotFoundError", "Sample", "ReferDataset", "RRSISDDataset",
@@ -374,16 +374,22 @@ def build_dataset(name: str, root: str | Path, split: str, tokenizer_dir: str | 
     """Dataset by ``--dataset`` name (one of ``DATASET_NAMES``); keyword arguments pass through.
 
     Common keywords: ``img_size``, ``max_tokens`` (None: the dataset's reference length), ``mode``,
-    ``eval_protocol``, ``seed``, ``cache_dir``, ``word_masks``, ``pos_tagger``; REFER datasets
-    also take ``splitBy``.
+    ``eval_protocol``, ``seed``, ``cache_dir``, ``word_masks``, ``pos_tagger``, ``mean`` / ``std``
+    (image normalisation); REFER datasets also take ``splitBy``. ``tokenizer_dir`` is a BERT folder
+    or a CLIP tokenizer string (``data.tokenizer``).
     """
+    mean, std = kwargs.pop("mean", None), kwargs.pop("std", None)
     if name == "rrsisd":
-        return RRSISDDataset(root, split, tokenizer_dir, **kwargs)
-    if name == "refsegrs":
-        return RefSegRSDataset(root, split, tokenizer_dir, **kwargs)
-    if name in REFER_DATASETS:
-        return ReferDataset(root, split, tokenizer_dir, dataset=name, **kwargs)
-    raise DatasetError(f"--dataset {name!r} is not supported; valid: {', '.join(DATASET_NAMES)}")
+        ds: _GroundingDataset = RRSISDDataset(root, split, tokenizer_dir, **kwargs)
+    elif name == "refsegrs":
+        ds = RefSegRSDataset(root, split, tokenizer_dir, **kwargs)
+    elif name in REFER_DATASETS:
+        ds = ReferDataset(root, split, tokenizer_dir, dataset=name, **kwargs)
+    else:
+        raise DatasetError(f"--dataset {name!r} is not supported; valid: {', '.join(DATASET_NAMES)}")
+    if mean is not None or std is not None:  # the model's image normalisation (its spec)
+        ds.transform = SegmentationTransform(ds.transform.size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+    return ds
 
 
 def split_counts(dataset: _GroundingDataset) -> dict[str, int]:

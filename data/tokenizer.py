@@ -1,5 +1,12 @@
-"""BERT word-piece tokenisation as the reference loaders do it (spec data-train-eval.md §b.3).
+"""Sentence tokenisation: BERT word pieces as the reference loaders do it, or CLIP BPE.
 
+A tokenizer is named by one string: a local BERT folder (with ``vocab.txt``), or ``clip`` /
+``clip:PATH`` for CLIP's byte-pair encoding (``data.clip_tokenizer``; PATH a local
+``bpe_simple_vocab_16e6.txt.gz``, default the copy shipped with open_clip_torch). Every function
+below takes that string, so the datasets, demo.py and predict.py need not know which kind a model
+uses (its spec says).
+
+BERT:
 ``encode`` returns ``max_tokens`` ids: ``[CLS] pieces... [SEP]`` cut to the first ``max_tokens``
 (a long sentence loses its ``[SEP]``), then zero padding; the attention mask is 1 on kept ids.
 
@@ -14,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["TokenizerFolderError", "check_tokenizer_folder", "load_tokenizer", "encode", "encode_many",
-           "tokenizer_fingerprint"]
+           "tokenizer_fingerprint", "clip_name", "CLIP"]
 
 # Files of a tokenizer folder that can change the ids it produces.
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
@@ -24,8 +31,41 @@ class TokenizerFolderError(FileNotFoundError):
     """The ``--bert_tokenizer`` folder is missing or has no vocab.txt."""
 
 
+CLIP = "clip"
+
+
+def clip_name(bpe_path: str | Path | None = None) -> str:
+    """The tokenizer string of CLIP's BPE (optionally from a local merges file)."""
+    return f"{CLIP}:{bpe_path}" if bpe_path else CLIP
+
+
+def _clip_path(name: str | Path) -> str | None:
+    """The BPE file of a ``clip`` / ``clip:PATH`` tokenizer string, or None when it names BERT."""
+    text = str(name)
+    if text == CLIP:
+        return ""
+    if text.startswith(CLIP + ":"):
+        return text[len(CLIP) + 1:]
+    return None
+
+
+class _ClipTokenizer:
+    """CLIP BPE behind the interface of this module (``encode_many`` dispatches on it)."""
+
+    def __init__(self, bpe_path: str) -> None:
+        from . import clip_tokenizer
+
+        self.module = clip_tokenizer
+        self.inner = clip_tokenizer.load_tokenizer(bpe_path or None)
+
+
 def check_tokenizer_folder(folder: str | Path) -> Path:
-    """Return the folder as a Path; raise a one-line error if it has no ``vocab.txt``."""
+    """Return the folder as a Path; raise a one-line error if it has no ``vocab.txt``. (A CLIP
+    tokenizer string is checked by loading its BPE file.)"""
+    bpe = _clip_path(folder)
+    if bpe is not None:
+        _ClipTokenizer(bpe)
+        return Path(str(folder))
     folder = Path(folder)
     if not (folder / "vocab.txt").is_file():
         what = "does not exist" if not folder.exists() else "has no vocab.txt"
@@ -38,6 +78,11 @@ def check_tokenizer_folder(folder: str | Path) -> Path:
 
 def tokenizer_fingerprint(folder: str | Path) -> str:
     """Hash of the files that define the tokenizer's output (for cache keys)."""
+    bpe = _clip_path(folder)
+    if bpe is not None:
+        from . import clip_tokenizer
+
+        return "clip-" + clip_tokenizer.tokenizer_fingerprint(bpe or None)
     folder = check_tokenizer_folder(folder)
     digest = hashlib.sha256()
     for name in _TOKENIZER_FILES:
@@ -49,7 +94,11 @@ def tokenizer_fingerprint(folder: str | Path) -> str:
 
 
 def load_tokenizer(folder: str | Path) -> Any:
-    """Load the BERT tokenizer of a local folder (``vocab.txt`` required; lower-cases by default)."""
+    """Load the BERT tokenizer of a local folder (``vocab.txt`` required; lower-cases by default),
+    or CLIP's BPE for a ``clip`` / ``clip:PATH`` string."""
+    bpe = _clip_path(folder)
+    if bpe is not None:
+        return _ClipTokenizer(bpe)
     folder = check_tokenizer_folder(folder)
     from transformers import BertTokenizer  # local import: transformers is slow to import
 
@@ -69,7 +118,10 @@ def encode(tokenizer: Any, sentence: str, max_tokens: int) -> tuple[list[int], l
 
 
 def encode_many(tokenizer: Any, sentences: Sequence[str], max_tokens: int) -> tuple[list, list, list[int]]:
-    """``encode`` for many sentences at once; also returns each sentence's untruncated length."""
+    """``encode`` for many sentences at once; also returns each sentence's untruncated length.
+    (CLIP: ``max_tokens`` ids with SOT / EOT, the EOT lost past ``max_tokens - 2`` BPE tokens.)"""
+    if isinstance(tokenizer, _ClipTokenizer):
+        return tokenizer.module.encode_many(tokenizer.inner, sentences, max_tokens)
     if not sentences:
         return [], [], []
     full = tokenizer(list(sentences), add_special_tokens=True)["input_ids"]

@@ -52,16 +52,18 @@ def target_to_tensor(target: Image.Image | np.ndarray) -> torch.Tensor:
 
 
 class SegmentationTransform:
-    """Joint resize + tensor conversion of (image, target): ``(3,S,S)`` float32, ``(S,S)`` int64."""
+    """Joint resize + tensor conversion of (image, target): ``(3,S,S)`` float32 normalised with
+    ``mean`` / ``std`` (the model's; ImageNet by default), ``(S,S)`` int64."""
 
-    def __init__(self, size: int = 480):
+    def __init__(self, size: int = 480, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         if size < 1:
             raise ValueError(f"image size must be >= 1, got {size}")
         self.size = int(size)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, image: Image.Image, target: np.ndarray | Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         image, target = resize_pair(image, target, self.size)
-        return image_to_tensor(image), target_to_tensor(target)
+        return image_to_tensor(image, self.mean, self.std), target_to_tensor(target)
 
 
 def choose_black_box_refs(ref_ids: Sequence[Hashable], seed: int) -> frozenset:

@@ -531,8 +531,9 @@ def _stage2_from_fixture(fx: Mapping[str, Any]) -> dict[str, Any]:
     return config_from_fixture(fx, stage=2)
 
 
-# Seconds on a CPU: one bottleneck per ResNet stage, a one-layer 64-wide text tower.
-_TINY = {"clip_overrides": {"vision_layers": [1, 1, 1, 1], "vocab_size": 200, "transformer_width": 64,
+# Seconds on a CPU: one bottleneck per ResNet stage, a one-layer 64-wide text tower (the full BPE
+# vocabulary, so real tokenised sentences fit).
+_TINY = {"clip_overrides": {"vision_layers": [1, 1, 1, 1], "transformer_width": 64,
                             "transformer_heads": 1, "transformer_layers": 1}, "hidden_dim": 64}
 
 SPEC_STAGE1 = ModelSpec(
