@@ -62,6 +62,12 @@ def bert_folder(path: str, flag: str = "--ck_bert") -> str:
     if not (folder / "config.json").is_file():
         raise UserError(f"{flag} {path}: no config.json there (expected a local BERT folder, "
                         f"e.g. ./pretrained_weights/bert-base-uncased)")
+    import json
+
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {path}: config.json is not valid JSON ({e})") from None
     return str(folder)
 
 
@@ -111,9 +117,9 @@ def load_pretrained(model: nn.Module, swin_path: str, bert_dir: str, verbose: bo
     if has_bert:
         try:
             loaded += ckpt_lib.load_pretrained_bert(model, bert_dir)
-        except (OSError, ValueError, ckpt_lib.CheckpointError) as e:
-            raise UserError(f"--ck_bert {bert_dir}: BERT weights cannot be loaded "
-                            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        except Exception as e:  # transformers / torch.load raise many types for a corrupt file
+            raise UserError(f"--ck_bert {bert_dir}: its BERT weights are not readable (corrupt or another "
+                            f"format: {type(e).__name__})") from None
     elif verbose and bert_dir:
         print(f"[train] {bert_dir} has no weights: the language encoder starts from random initialisation")
     if swin_path and has_bert:
@@ -227,6 +233,24 @@ def build_dataset(args: argparse.Namespace, split: str, mode: str, eval_protocol
     return ds
 
 
+def check_image_files(ds, split: str) -> None:
+    """A stat pass over every image a dataset reads (seconds at RRSIS-D scale): a missing or empty
+    file is reported with one line before the first step, not as a crash mid-epoch."""
+    import os
+
+    missing, empty = [], []
+    for path in sorted({s.image_path for s in getattr(ds, "samples", ())}):
+        try:
+            if os.stat(path).st_size == 0:
+                empty.append(path)
+        except OSError:
+            missing.append(path)
+    if missing or empty:
+        first = missing[0] if missing else empty[0]
+        raise UserError(f"--split {split}: {len(missing)} image file(s) missing and {len(empty)} empty, e.g. {first} "
+                        f"(python -m data.check lists them all)")
+
+
 def eval_loader(ds, batch_size: int, workers: int, pin: bool, info: utils.DistInfo) -> torch.utils.data.DataLoader:
     sampler = utils.ShardSampler(len(ds), info.rank, info.world_size)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -281,6 +305,18 @@ def training_loss(net: nn.Module, batch: Mapping[str, Any], device: torch.device
     return total, terms
 
 
+def all_finite(outputs: Any) -> bool:
+    """Whether every floating tensor in a model's outputs (tensor / list / tuple / dict) is finite.
+    One host sync per call: evaluation checks every batch, so broken weights stop it at once."""
+    if torch.is_tensor(outputs):
+        return not outputs.is_floating_point() or bool(torch.isfinite(outputs).all())
+    if isinstance(outputs, Mapping):
+        return all(all_finite(v) for v in outputs.values())
+    if isinstance(outputs, (list, tuple)):
+        return all(all_finite(v) for v in outputs)
+    return True
+
+
 OnBatch = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], None]
 
 
@@ -296,10 +332,14 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     metrics = utils.SegMetrics(device)
     inner = _unwrapped(model)
     keys = spec_of(inner).inputs
-    for batch in utils.progress(loader, enabled=show_progress and utils.is_main_process(), desc=desc, leave=False):
+    bar = utils.progress(loader, enabled=show_progress and utils.is_main_process(), desc=desc, leave=False)
+    for step, batch in enumerate(bar):
         batch = to_device(batch, device)
         with autocast(device, amp):
             outputs = model(**model_inputs(batch, keys))
+        if not all_finite(outputs):
+            raise UserError(f"{desc}: the model's outputs became NaN / inf at batch {step}; its weights are broken "
+                            f"or --amp {amp} overflows (try --amp off); no metrics written")
         gt = batch["target"]
         pred = inner.predict_mask(outputs, gt.shape[-2:])  # the model's own rule (argmax, sigmoid > 0.5 ...)
         iou = metrics.update(pred, gt, list(batch.get("category", [])) or None)
@@ -309,14 +349,49 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     return metrics.summary()
 
 
+DISK_FULL_ERRNOS = {28, 27, 122}  # ENOSPC, EFBIG, EDQUOT
+
+
+def disk_full_message(e: BaseException, path: str | Path | None = None) -> str | None:
+    """One line for a write that failed for lack of space (None for other errors). ``torch.save``
+    wraps the OSError in a RuntimeError, so the exception's context chain is searched."""
+    seen = 0
+    while e is not None and not (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS) and seen < 8:
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    if not isinstance(e, OSError) or e.errno not in DISK_FULL_ERRNOS:
+        return None
+    where = path or e.filename or "the output file"
+    return f"{where}: no space left on device / file size limit reached ({e.strerror or e}); free space and resume"
+
+
+def _worker_error_line(e: BaseException) -> str:
+    """A DataLoader worker re-raises our one-line data errors wrapped in its traceback text: keep
+    the original message (the last line)."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    name = type(e).__name__ + ": "
+    return last[len(name):] if last.startswith(name) else last
+
+
 def cli_main(fn: Callable[[], int | None]) -> None:
     """Run an entry point: user errors become one line on stderr and exit code 2."""
     import sys
 
+    from data.datasets import DatasetError
+
     try:
         code = fn()
-    except UserError as e:
+    except (UserError, utils.DeviceUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except DatasetError as e:
+        print(f"error: {_worker_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        msg = disk_full_message(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     except ckpt_lib.CheckpointMismatchError as e:
         print("error: " + " | ".join(str(e).strip().splitlines()[:6]), file=sys.stderr)

@@ -319,6 +319,17 @@ def checkpoint_payload(model, optimizer, scheduler, scaler, args, epoch: int, it
     }
 
 
+def save(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic checkpoint write; a full disk is one line naming the file (the previous file stays)."""
+    try:
+        ckpt_lib.save_checkpoint(path, payload)
+    except (OSError, RuntimeError) as e:
+        msg = engine.disk_full_message(e, path)
+        if msg is None:
+            raise
+        raise UserError(msg + f" (the previous {path.name}, if any, is intact)") from None
+
+
 def out_of_time(args, started: float, last_epoch: bool, info: utils.DistInfo) -> bool:
     """``--time_limit`` reached after this epoch; under DDP rank 0's clock decides for all ranks."""
     flag = not last_epoch and args.time_limit is not None and time.time() - started > args.time_limit * 60
@@ -344,8 +355,11 @@ def train(args) -> int:
     spec = registry.model_spec(args.model)
 
     train_ds = engine.build_dataset(args, "train", mode="train")
+    engine.check_image_files(train_ds, "train")
     val_ds = None if args.no_val else engine.build_dataset(args, args.val_split, mode="eval",
                                                            eval_protocol=spec.val_protocol)
+    if val_ds is not None:
+        engine.check_image_files(val_ds, args.val_split)
     model, frozen = build_model(args, info, resume_ckpt)
     model.to(device)
     sampler, loader = build_loader(train_ds, args, info)
@@ -380,9 +394,9 @@ def train(args) -> int:
             log.scalars("val", {k: summary[k] for k in ("oIoU", "mIoU", "P@0.5")}, epoch)
         if info.is_main:
             payload = checkpoint_payload(model, optimizer, scheduler, scaler, args, epoch, iteration, best, frozen)
-            ckpt_lib.save_checkpoint(out_dir / "checkpoint_last.pth", payload)
+            save(out_dir / "checkpoint_last.pth", payload)
             if improved or val_ds is None:
-                ckpt_lib.save_checkpoint(out_dir / "checkpoint_best.pth", payload)
+                save(out_dir / "checkpoint_best.pth", payload)
             log.record({**record, "best_oIoU": best, "elapsed_s": round(time.time() - started, 1)})
         has_checkpoint = True
         if out_of_time(args, started, epoch == args.epochs - 1, info):

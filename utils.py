@@ -186,13 +186,22 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+class DeviceUnavailableError(ValueError):
+    """``--device`` names a device this machine does not have (one line, no traceback)."""
+
+
 def resolve_device(requested: str | None) -> torch.device:
     """``cuda``/``cuda:N``/``cpu``; ``None`` or ``auto`` picks CUDA when available."""
     if requested in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(requested)
+    try:
+        dev = torch.device(requested)
+    except RuntimeError:
+        raise DeviceUnavailableError(f"--device {requested}: not a device name (cuda, cuda:N, cpu or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
+        raise DeviceUnavailableError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 
 
