@@ -56,6 +56,12 @@ def trained(synth, tmp_path_factory) -> Path:
     return out
 
 
+def torchrun(nproc: int) -> list[str]:
+    """``torchrun --standalone``: the rendezvous binds a free port itself, so runs in parallel
+    test processes (pytest-xdist) never collide on a fixed --master_port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -220,8 +226,7 @@ def test_torchrun_two_cpu_processes(synth, tmp_path):
     out = tmp_path / "ddp"
     proc = run("train.py", "--model", "fianet", *data_args(synth), *TINY, "--epochs", "1", "-b", "2",
                "--max_steps", "3", "--output-dir", str(out),
-               launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                         "--master_port", "29517"])
+               launcher=torchrun(2))
     ck = load(out / "checkpoint_last.pth")
     assert ck["epoch"] == 0 and ck["iteration"] == 3
     assert "val_oIoU" in json.loads((out / "log.jsonl").read_text().splitlines()[0])
@@ -232,8 +237,7 @@ def test_torchrun_two_cpu_processes(synth, tmp_path):
     ev = ["--resume", str(out / "checkpoint_last.pth"), *data_args(synth), *TINY, "--split", "val",
           "--output-dir", str(tmp_path)]
     run("test.py", *ev, "--save_json", str(r1))
-    run("test.py", *ev, "--save_json", str(r2), launcher=[sys.executable, "-m", "torch.distributed.run",
-                                                          "--nproc_per_node", "2", "--master_port", "29518"])
+    run("test.py", *ev, "--save_json", str(r2), launcher=torchrun(2))
     one, two = json.loads(r1.read_text()), json.loads(r2.read_text())
     assert one["num_samples"] == two["num_samples"]
     for k in ("oIoU", "mIoU", "P@0.5"):
