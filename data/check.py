@@ -127,7 +127,10 @@ def check_text(ds: Any, warnings: Warnings) -> None:
     features = ds.features
     for sample in ds.samples:
         if not sample.sentence:  # stored stripped: empty or whitespace-only in the file
-            where = f"ref {sample.ref_id} sentence {sample.sent_index}" if sample.line < 0 else f"line {sample.line + 1}"
+            if sample.line < 0:
+                where = f"ref {sample.ref_id} sentence {sample.sent_index}"
+            else:
+                where = f"line {sample.line + 1}"
             warnings.add("empty sentences (skipped in training)", where)
     for index in np.flatnonzero(features.lengths > ds.max_tokens):
         warnings.add(f"sentences truncated at {ds.max_tokens} tokens",

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "HIGH_DEPTH_MODES", "is_high_depth", "to_rgb", "load_rgb", "resize_pair", "image_to_tensor", "target_to_tensor",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "HIGH_DEPTH_MODES", "is_high_depth", "to_rgb", "load_rgb",
+           "resize_pair", "image_to_tensor", "target_to_tensor",
            "SegmentationTransform", "choose_black_box_refs", "black_box", "BOX_SIZE"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -99,8 +98,8 @@ def test_compile_with_ddp_matches_eager(synth, tmp_path):
     ckpts, logs = {}, {}
     for compiled in (False, True):
         out = tmp_path / ("compiled" if compiled else "eager")
-        run("train.py", *common, "--output-dir", str(out), *(["--compile", "--compile_backend", "aot_eager"] if compiled else []),
-            launcher=torchrun(2))
+        flags = ["--compile", "--compile_backend", "aot_eager"] if compiled else []
+        run("train.py", *common, "--output-dir", str(out), *flags, launcher=torchrun(2))
         ckpts[compiled] = load(out / "checkpoint_last.pth")
         logs[compiled] = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert ckpts[True]["iteration"] == 2 and ckpts[True]["args"]["compile"] is True
