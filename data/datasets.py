@@ -193,7 +193,7 @@ class _GroundingDataset(torch.utils.data.Dataset):
 def warn_empty_sentences(where: str, skipped: int, dropped_refs: int) -> None:
     """One warning line (stderr) for all empty / whitespace-only sentences a training split skipped."""
     if skipped:
-        refs = f"; {dropped_refs} refs had no sentence left and are left out" if dropped_refs else ""
+        refs = f"; left out {dropped_refs} refs without any sentence left" if dropped_refs else ""
         print(f"warning: {where}: skipped {skipped} empty or whitespace-only sentences for training{refs} "
               "(python -m data.check lists them)", file=sys.stderr, flush=True)
 
@@ -379,7 +379,7 @@ class RefSegRSDataset(_GroundingDataset):
             image_path = str(self.root / "images" / f"{sample_id}.tif")
             samples.append(Sample(-1, line_no, 0, sentence.strip(), image_path, "", len(samples)))
             self.sample_ids.append(sample_id)
-        warn_empty_sentences(f"refsegrs {split}", skipped, skipped)
+        warn_empty_sentences(f"refsegrs {split}", skipped, 0)
         if not samples:
             raise DatasetError(f"split {split!r} has no samples in {self.phrase_file}")
 

@@ -128,8 +128,8 @@ def test_training_skips_empty_sentences_with_one_counted_warning(tmp_path, capfd
     kw = dict(img_size=16, cache_dir=tmp_path / "cache")
     train = RRSISDDataset(root, "train", tmp_path / "tok", mode="train", **kw)
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == ["warning: rrsisd train: skipped 3 empty or whitespace-only sentences for training; 1 refs had "
-                   "no sentence left and are left out (python -m data.check lists them)"]
+    assert err == ["warning: rrsisd train: skipped 3 empty or whitespace-only sentences for training; left out "
+                   "1 refs without any sentence left (python -m data.check lists them)"]
     assert all(s.sentence for s in train.samples) and 3 not in {s.ref_id for s in train.samples}
     assert len(train) == len(train.groups) == 4  # refs 7, 9, 4, 5
     assert [s.sent_index for s in train.samples if s.ref_id == 7] == [0, 2]  # indices keep the file's
