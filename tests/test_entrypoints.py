@@ -308,7 +308,7 @@ def test_training_learns_the_sentences_beyond_a_text_blind_model(nltk_data_dir, 
     35 epochs, because this tiny run is chaotic: round-off differences between CPUs change its
     trajectory. Measured (one thread, --seed 0/1/2) loss ratio last-3 / first-3 and best val mIoU
     of the last 3 epochs (text-blind bound 0.333): AVX-512 0.166/0.756, 0.217/0.718, 0.172/0.726;
-    AVX2 emulation 0.189/0.712, 0.216/0.666, SEED2_AVX2. With 25 epochs the same runs spread from
+    AVX2 emulation 0.189/0.712, 0.216/0.666, 0.188/0.728. With 25 epochs the same runs spread from
     0.23/0.68 to 0.57/0.42 (and 0.54 on an AVX2-only EPYC), too close to the thresholds below."""
     from data.datasets import build_dataset
     from data.synthetic import generate
