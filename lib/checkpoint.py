@@ -117,7 +117,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
                 "containers and argparse.Namespace are accepted; a checkpoint holding code is never run)") from None
         raise CheckpointError(f"{p}: {_NOT_A_CHECKPOINT}") from None
     except Exception as exc:  # zip / EOF / decode errors of random bytes or a truncated file
-        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+        if isinstance(exc, OSError) and exc.errno is not None:  # e.g. permission denied, I/O error
             raise CheckpointError(f"{p}: cannot read: {exc.strerror}") from None
         raise CheckpointError(f"{p}: {_NOT_A_CHECKPOINT}") from None
 
