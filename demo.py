@@ -98,11 +98,12 @@ def run(args) -> int:
     path = Path(args.img)
     if not path.is_file():
         raise UserError(f"--img {args.img}: file not found")
+    from data.transforms import image_to_tensor, load_rgb
+
     try:
-        picture = Image.open(path).convert("RGB")
+        picture = load_rgb(path)  # 16-bit / float images rescaled as in training
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"--img {args.img}: not a readable image ({e})") from None
-    from data.transforms import image_to_tensor
 
     width, height = picture.size
     image = image_to_tensor(picture.resize((size, size), Image.BILINEAR), spec.mean, spec.std)  # as in training

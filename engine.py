@@ -190,7 +190,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str, args: argparse.Namesp
         # (CrossVLT's never-optimised `temp` in the reference's training files).
         for key in getattr(model, "checkpoint_ignored_keys", ()):
             state.pop(key, None)
-        report = ckpt_lib.load_model_state(model, state, strict=strict)
+        report = ckpt_lib.load_model_state(model, state, strict=strict, source=path)
+    except ckpt_lib.NonFiniteWeightsError as e:
+        raise UserError(f"--resume {e}") from None
     except ckpt_lib.CheckpointMismatchError as e:
         first = str(e).strip().splitlines()
         hint = " (check --num_tmem, --window12, --swin_type and --model)" if stored is None else ""

@@ -7,8 +7,10 @@
 google for refcocog; the default is the dataset's first: unc, or umd for refcocog).
 
 Prints, per split: refs, sentences and images; then counted warnings (never a crash) for
-missing or unreadable images, images whose size differs from the annotation, masks that cannot
-be decoded, empty masks, sentences cut by the token limit and word-mask flags past it.
+missing or unreadable images, 16-bit / 32-bit / float images (read min-max rescaled to 8 bit),
+images whose size differs from the annotation, masks that cannot be decoded, empty masks, empty
+or whitespace-only sentences (skipped in training), sentences cut by the token limit and
+word-mask flags past it.
 
 ``--export OUT`` (one split) writes ``OUT/samples.jsonl`` -- one object per (ref, sentence) in
 evaluation ('all') order with keys ``ref_id`` (REFER datasets) or ``line`` (RefSegRS), ``sent_index``,
@@ -31,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .datasets import DATASET_NAMES, DEFAULT_MAX_TOKENS, REFER_DATASETS, build_dataset, mask_file_stem, split_counts
+from .transforms import is_high_depth
 
 EXAMPLES_SHOWN = 5
 
@@ -92,11 +95,13 @@ def check_images(ds: Any, warnings: Warnings) -> None:
             continue
         try:
             with Image.open(path) as image:
-                size = image.size
+                size, mode = image.size, image.mode
                 image.verify()
         except Exception as exc:
             warnings.add("unreadable images", f"{path} ({type(exc).__name__})")
             continue
+        if is_high_depth(mode):
+            warnings.add(f"images with more than 8 bits per pixel (mode {mode}; read min-max rescaled to 8 bit)", path)
         if path in expected and expected[path] != size:
             warnings.add("images whose size differs from the annotation", f"{path} {size} vs {expected[path]}")
 
@@ -120,6 +125,13 @@ def group_masks(ds: Any, warnings: Warnings) -> list[np.ndarray | None]:
 
 def check_text(ds: Any, warnings: Warnings) -> None:
     features = ds.features
+    for sample in ds.samples:
+        if not sample.sentence:  # stored stripped: empty or whitespace-only in the file
+            if sample.line < 0:
+                where = f"ref {sample.ref_id} sentence {sample.sent_index}"
+            else:
+                where = f"line {sample.line + 1}"
+            warnings.add("empty sentences (skipped in training)", where)
     for index in np.flatnonzero(features.lengths > ds.max_tokens):
         warnings.add(f"sentences truncated at {ds.max_tokens} tokens",
                      f"{ds.samples[index].sentence!r} ({int(features.lengths[index])} tokens)")

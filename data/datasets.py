@@ -17,7 +17,9 @@ Every item is a plain dict (batches with torch's ``default_collate``)::
 
 Which sentence an item uses (spec data-train-eval.md §b.4):
 
-* ``mode='train'``: one item per ref, a random sentence per access (``np.random``);
+* ``mode='train'``: one item per ref, a random sentence per access (``np.random``); empty or
+  whitespace-only sentences are skipped (one warning with their count; a ref left without any
+  sentence is left out), while evaluation keeps them so that the protocol's counts hold;
 * ``mode='eval', eval_protocol='all'``: one item per (ref, sentence), ref then sentence order
   (the ``test.py`` protocol of LAVT / RMSIN);
 * ``mode='eval', eval_protocol='one-per-ref'``: one item per ref, the sentence drawn once by a
@@ -43,6 +45,7 @@ Datasets (``build_dataset`` names):
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,7 +57,8 @@ from PIL import Image
 from refer.refer import IMAGE_DIRS, REFER, ReferError
 
 from .tokenizer import check_tokenizer_folder
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, black_box, choose_black_box_refs
+from .transforms import (IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, black_box, choose_black_box_refs,
+                         load_rgb)
 from .word_masks import DATASET_CLASSES, TextFeatures, build_text_features, default_cache_dirs
 
 __all__ = ["DatasetError", "DatasetFileNotFoundError", "Sample", "ReferDataset", "RRSISDDataset",
@@ -93,13 +97,13 @@ class Sample(NamedTuple):
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB; one-line errors for a missing or unreadable file."""
+    """Open an image as 8-bit RGB (`data.transforms.load_rgb`: 16-bit and float images are
+    min-max rescaled); one-line errors for a missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise DatasetFileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return load_rgb(path)
     except Exception as exc:
         raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
 
@@ -177,7 +181,11 @@ class _GroundingDataset(torch.utils.data.Dataset):
             index += len(self)
         row = self.sample_index(index)
         sample = self.samples[row]
-        image = self._augment(sample, self._image(sample))
+        try:
+            image = self._augment(sample, self._image(sample))
+        except (DatasetError, DatasetFileNotFoundError) as e:  # name the ref / line too (one line)
+            where = f"ref {sample.ref_id}" if sample.ref_id >= 0 else f"line {sample.line}"
+            raise DatasetError(f"{e} ({where}, sentence {sample.sent_index})") from None
         image_t, target_t = self.transform(image, self.original_mask(row))
         item = {"image": image_t, "target": target_t}
         for key, table in self._text.items():
@@ -185,6 +193,14 @@ class _GroundingDataset(torch.utils.data.Dataset):
         item.update(ref_id=sample.ref_id, line=sample.line, sent_index=sample.sent_index,
                     sentence=sample.sentence, category=sample.category, index=index)
         return item
+
+
+def warn_empty_sentences(where: str, skipped: int, dropped_refs: int) -> None:
+    """One warning line (stderr) for all empty / whitespace-only sentences a training split skipped."""
+    if skipped:
+        refs = f"; left out {dropped_refs} refs without any sentence left" if dropped_refs else ""
+        print(f"warning: {where}: skipped {skipped} empty or whitespace-only sentences for training{refs} "
+              "(python -m data.check lists them)", file=sys.stderr, flush=True)
 
 
 # REFER indexes alive in this process, so building train and val re-reads the files only once.
@@ -244,8 +260,9 @@ class ReferDataset(_GroundingDataset):
             raise DatasetError(f"split {split!r} has no refs in {self.refer.ref_file}")
 
         samples, raws = [], []
+        skipped = dropped_refs = 0
         image_dir = str(self.refer.image_dir) + os.sep  # plain strings: Path joins cost ~0.1 s on 17k refs
-        for group, ref_id in enumerate(ref_ids):
+        for ref_id in ref_ids:
             ref = self.refer.Refs[ref_id]
             sentences = ref["sentences"]
             if not isinstance(sentences, list) or not sentences:
@@ -255,11 +272,21 @@ class ReferDataset(_GroundingDataset):
                 raise DatasetError(f"ref {ref_id}: image {ref['image_id']!r} missing from {self.refer.instances_file}")
             image_path = image_dir + image["file_name"]
             category = str(self.refer.Cats.get(ref.get("category_id"), ""))
+            group = samples[-1].group + 1 if samples else 0  # consecutive over the refs kept
+            kept = 0
             for sent_index, sent in enumerate(sentences):
                 if not isinstance(sent, dict) or not isinstance(sent.get("raw"), str):
                     raise DatasetError(f"ref {ref_id} in {self.refer.ref_file}: sentence {sent_index} has no 'raw' text")
+                if mode == "train" and not sent["raw"].strip():
+                    skipped += 1  # nothing to ground; evaluation keeps it (the protocol counts it)
+                    continue
                 raws.append(sent["raw"])
                 samples.append(Sample(ref_id, -1, sent_index, sent["raw"].strip(), image_path, category, group))
+                kept += 1
+            dropped_refs += kept == 0
+        warn_empty_sentences(f"{dataset} {split}", skipped, dropped_refs)
+        if not samples:
+            raise DatasetError(f"split {split!r} of {self.refer.ref_file} has no non-empty sentences")
 
         features = build_text_features(
             raws, tokenizer_dir, DATASET_CLASSES.get(dataset, ()), max_tokens,
@@ -346,13 +373,18 @@ class RefSegRSDataset(_GroundingDataset):
             raise DatasetError(f"cannot read {self.phrase_file}: {exc}") from None
 
         samples, self.sample_ids = [], []
+        skipped = 0
         for line_no, text in enumerate(lines):
             if not text.strip():
                 continue  # a blank line (e.g. at the end of the file) is not a sample
             sample_id, _, sentence = text.partition(" ")
+            if mode == "train" and not sentence.strip():
+                skipped += 1  # an id without a sentence: nothing to ground
+                continue
             image_path = str(self.root / "images" / f"{sample_id}.tif")
             samples.append(Sample(-1, line_no, 0, sentence.strip(), image_path, "", len(samples)))
             self.sample_ids.append(sample_id)
+        warn_empty_sentences(f"refsegrs {split}", skipped, 0)
         if not samples:
             raise DatasetError(f"split {split!r} has no samples in {self.phrase_file}")
 

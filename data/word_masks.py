@@ -8,8 +8,9 @@ For one sentence with ``N = max_tokens`` positions (spec data-train-eval.md §b.
   containing the class's first word (word 0 when none does).
 * ``p_mask`` (spatial-position mask): POS-tag the NLTK words, chunk prepositional phrases with
   ``PP_GRAMMAR``, drop every phrase containing the letters "of", and mark each phrase's words
-  starting at the *first* occurrence of its first word + 1. A sentence without any mark uses
-  its own attention mask instead.
+  starting at the *first* occurrence of its first word + 1. A sentence without any phrase uses
+  its own attention mask instead; one whose phrases all lie past ``N`` keeps an all-zero mask
+  (the reference's list grew past ``N`` there, so its emptiness test did not fire).
 
 Positions are NLTK word indices shifted by one for ``[CLS]`` -- not word-piece positions -- as
 in the reference (a word split into several pieces shifts every later flag). Deliberate fixes:
@@ -79,7 +80,7 @@ PP: {<IN><DT>?<JJ|JJR|JJS>?<NN>}
 """
 
 # Bump whenever the mask or encoding algorithm changes: invalidates every cache file.
-WORD_MASKS_VERSION = 1
+WORD_MASKS_VERSION = 2  # 2: no attention fallback when a phrase lies past the limit
 
 _TAGGER_RESOURCE = "averaged_perceptron_tagger_eng"
 
@@ -215,11 +216,14 @@ class WordMasker:
     def position_mask(self, words: list[str], attention: Sequence[int], max_tokens: int) -> tuple[list[int], bool]:
         """Spatial-position mask (fallback: this sentence's attention) and the overflow flag."""
         mask, overflow = [0] * max_tokens, False
-        for phrase in self.position_phrases(words):
+        phrases = self.position_phrases(words)
+        for phrase in phrases:
             phrase_words = self.words(phrase)
             idx = next((i for i, word in enumerate(words) if word == phrase_words[0]), 0)
             overflow |= _mark(mask, idx + 1, len(phrase_words))
-        if sum(mask) == 0:
+        if not phrases:
+            # Only a sentence without any phrase falls back. A phrase that starts past the limit
+            # leaves an all-zero mask: the reference's list grew past N there, so its sum was not 0.
             mask = [int(a) for a in attention]
         return mask, overflow
 

@@ -13,9 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -44,25 +47,79 @@ class CheckpointMismatchError(CheckpointError):
 # --------------------------------------------------------------------------------------------
 # Reading files
 # --------------------------------------------------------------------------------------------
+# torch names a refused global as "Unsupported global: GLOBAL mod.name" (>= 2.4) or "unsupported
+# GLOBAL mod.name whose module mod is blocked" (>= 2.6); the spelling has changed between releases.
+_REFUSED_GLOBAL = re.compile(r"unsupported\s+global:?\s*(?:global\s+)?([A-Za-z_][\w.]*)", re.IGNORECASE)
+_NOT_A_CHECKPOINT = "not a checkpoint (corrupt or another format)"
+# Pickle opcodes that import a global: GLOBAL / INST carry "module name" as their argument;
+# STACK_GLOBAL takes the last two strings pushed.
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _pickled_globals(data: bytes, limit: int = 3) -> list[str]:
+    """Globals a pickle stream would import, read with ``pickletools`` (nothing is executed)."""
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in _STRING_OPS and isinstance(arg, str):
+                strings = (strings + [arg])[-2:]
+            elif op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                found.append(".".join(strings))
+            if len(found) >= limit:
+                break
+    except Exception:  # not a (complete) pickle: report what was seen so far
+        pass
+    return found
+
+
+def _refused_global(p: Path, msg: str) -> str | None:
+    """The global a weights-only load refused: from torch's message, else from scanning the file."""
+    match = _REFUSED_GLOBAL.search(msg)
+    if match:
+        return match.group(1)
+    try:
+        data = p.read_bytes()
+    except OSError:
+        return None
+    allowed = {"collections.OrderedDict", "argparse.Namespace"}
+    names = [g for g in _pickled_globals(data, limit=20) if g not in allowed and not g.startswith("torch.")]
+    return names[0] if names else None
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
-    """Load a checkpoint with ``weights_only=True`` (tensors, plain containers, argparse.Namespace)."""
+    """Load a checkpoint with ``weights_only=True`` (tensors, plain containers, argparse.Namespace).
+
+    Errors are one-line `CheckpointError` messages: a pickle that needs any other global is refused
+    naming that global (e.g. ``posix.system``); random bytes, a truncated file or a pickle in a
+    form torch cannot read weights-only are reported as "not a checkpoint (corrupt or another
+    format)". Torch's advice to retry with ``weights_only=False`` is never repeated: that would
+    run the file's code.
+    """
     p = Path(path)
     if not p.is_file():
         raise CheckpointNotFoundError(f"checkpoint not found: {p}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol N": noise on a file that is refused anyway.
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        if "Unsupported global" in msg or "Weights only load failed" in msg:
-            first = next((line.strip() for line in msg.splitlines() if "Unsupported global" in line), msg.splitlines()[0])
+        name = _refused_global(p, str(exc))
+        if name is not None:
             raise CheckpointError(
-                f"{p}: refused to load, it contains pickled objects other than tensors and plain containers "
-                f"({first}); only weights-only checkpoints are accepted") from None
-        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({msg.splitlines()[0] if msg else exc!r})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        line = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint (corrupt or truncated: {line})") from None
+                f"{p}: refused to load, it would import the Python global {name} (only tensors, plain "
+                "containers and argparse.Namespace are accepted; a checkpoint holding code is never run)") from None
+        raise CheckpointError(f"{p}: {_NOT_A_CHECKPOINT}") from None
+    except Exception as exc:  # zip / EOF / decode errors of random bytes or a truncated file
+        if isinstance(exc, OSError) and exc.errno is not None:  # e.g. permission denied, I/O error
+            raise CheckpointError(f"{p}: cannot read: {exc.strerror}") from None
+        raise CheckpointError(f"{p}: {_NOT_A_CHECKPOINT}") from None
 
 
 def _strip_prefix(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -182,11 +239,37 @@ def _compare(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor
     return rep
 
 
-def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> LoadReport:
+class NonFiniteWeightsError(CheckpointError):
+    """A state dict holds NaN or infinite values (a diverged run's weights)."""
+
+
+def check_finite(state_dict: Mapping[str, Any], source: str, limit: int = 3) -> None:
+    """Refuse weights that hold NaN / inf: raise `NonFiniteWeightsError` naming the first bad keys.
+
+    ``source`` names where the weights come from (a file path) in the one-line message. Only
+    floating-point tensors are inspected; integer buffers cannot be non-finite.
+    """
+    bad: list[str] = []
+    count = 0
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()) \
+                and not bool(torch.isfinite(value).all()):
+            count += 1
+            if len(bad) < limit:
+                bad.append(key)
+    if count:
+        more = f" and {count - len(bad)} more" if count > len(bad) else ""
+        raise NonFiniteWeightsError(f"{source}: weights hold NaN or inf values in {', '.join(bad)}{more} "
+                                    "(a diverged run?); refusing to load them")
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True,
+                     source: str = "checkpoint") -> LoadReport:
     """Load ``state`` (our key layout, see `extract_state_dict`) into ``model``.
 
     Strict by default: any missing / unexpected key or shape mismatch raises
-    `CheckpointMismatchError` and nothing is loaded. With ``strict=False`` the matching entries are
+    `CheckpointMismatchError`, and NaN / inf weights raise `NonFiniteWeightsError` (`check_finite`;
+    ``source`` names the file in that message); in both cases nothing is loaded. With ``strict=False`` the matching entries are
     loaded and the report is printed. Tensors are cast to the parameters' dtype (e.g. float16 files).
     """
     check = getattr(model, "check_state_dict", None)
@@ -196,6 +279,8 @@ def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict
     rep = _compare(model_sd, state)
     if strict and not rep.ok:
         raise CheckpointMismatchError("strict checkpoint load failed\n" + rep.format())
+    if strict:
+        check_finite({k: state[k] for k in rep.loaded}, source)
     model.load_state_dict({k: state[k] for k in rep.loaded}, strict=False)
     if not rep.ok:
         print(rep.format(title="non-strict checkpoint load"))
@@ -320,9 +405,23 @@ def check_pretrained_coverage(model: nn.Module, loaded: list[str], allowed_missi
     return missing
 
 
+def _remove_stale_temps(folder: Path, name: str) -> None:
+    """Delete temp files an interrupted `save_checkpoint` left in ``folder`` (killed before its
+    ``os.replace``): ``.checkpoint_*.tmp`` and ``.<name>.*.tmp``. Called after a successful save,
+    so this save's own temp file is already renamed; best effort (a failure is ignored)."""
+    patterns = {".checkpoint_*.tmp", f".{glob.escape(name)}.*.tmp"}
+    for pattern in patterns:
+        for stale in folder.glob(pattern):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+
+
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
     """Atomically write ``payload`` (plain data + tensors): temp file in the same folder, fsync,
-    ``os.replace``. A failure at any point leaves an existing file at ``path`` untouched."""
+    ``os.replace``. A failure at any point leaves an existing file at ``path`` untouched; temp files
+    of an earlier interrupted save in that folder are removed once this save has succeeded."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -332,6 +431,7 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
+        _remove_stale_temps(p.parent, p.name)
     except BaseException:
         try:
             os.unlink(tmp)

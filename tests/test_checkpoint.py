@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 
 import pytest
 import torch
@@ -38,8 +39,61 @@ def test_safe_load_accepts_namespace_args(tmp_path):
 def test_safe_load_refuses_arbitrary_objects(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "payload": NotAllowed()}, path)
-    with pytest.raises(CheckpointError, match="refused to load"):
+    with pytest.raises(CheckpointError, match="refused to load") as info:
         safe_torch_load(path)
+    assert "NotAllowed" in str(info.value)  # the refused global is named
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: the classic hostile checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("layout", ["torch_zip", "plain_pickle_v4", "plain_pickle_v2"])
+def test_hostile_pickle_is_refused_naming_the_global(tmp_path, layout):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "hostile.pth"
+    payload = {"model": {"w": torch.zeros(1)}, "x": _RunsCode(marker)}
+    if layout == "torch_zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps({"x": _RunsCode(marker)}, protocol=4 if layout.endswith("v4") else 2))
+    with pytest.raises(CheckpointError) as info:
+        safe_torch_load(path)
+    msg = str(info.value)
+    assert not marker.exists(), "the pickle's code ran"
+    assert "\n" not in msg and str(path) in msg
+    assert "refused" in msg and f"{os.system.__module__}.system" in msg, msg  # posix.system / nt.system
+    assert "weights_only" not in msg  # never torch's advice to load it unsafely
+
+
+@pytest.mark.parametrize("kind", ["random_bytes", "truncated", "empty", "text", "plain_dict_pickle"])
+def test_non_checkpoint_files_say_so_in_one_line(tmp_path, kind):
+    import pickle
+
+    path = tmp_path / f"{kind}.pth"
+    if kind == "random_bytes":
+        path.write_bytes(random.Random(0).randbytes(4096))
+    elif kind == "truncated":
+        torch.save({"model": {"w": torch.randn(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:1500])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    else:
+        path.write_bytes(pickle.dumps({"model": {"w": 1}}, protocol=4))
+    with pytest.raises(CheckpointError) as info:
+        safe_torch_load(path)
+    msg = str(info.value)
+    assert msg == f"{path}: not a checkpoint (corrupt or another format)"
 
 
 def test_safe_load_missing_and_corrupt(tmp_path):
@@ -50,7 +104,7 @@ def test_safe_load_missing_and_corrupt(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"w": torch.randn(100)}, bad)
     bad.write_bytes(bad.read_bytes()[:200])  # truncated
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a checkpoint \(corrupt or another format\)"):
         safe_torch_load(bad)
 
 
@@ -200,6 +254,52 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     assert path.read_bytes() == original
     assert safe_torch_load(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pth"]  # no temp file left behind
+
+
+def test_next_save_removes_temp_files_of_an_interrupted_save(tmp_path):
+    # What a save killed before its os.replace leaves: mkstemp names ".<target>.<random>.tmp".
+    stale = [tmp_path / ".checkpoint_last.pth.k1x9q2.tmp", tmp_path / ".checkpoint_best.pth.abcd.tmp"]
+    for f in stale:
+        f.write_bytes(b"partial")
+    unrelated = [tmp_path / "notes.tmp", tmp_path / ".other.tmp"]
+    for f in unrelated:
+        f.write_bytes(b"keep")
+    save_checkpoint(tmp_path / "checkpoint_last.pth", {"epoch": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint_last.pth"] + [f.name for f in unrelated])
+    # A save under another name removes its own leftovers too.
+    (tmp_path / ".model.pth.zz.tmp").write_bytes(b"partial")
+    save_checkpoint(tmp_path / "model.pth", {"epoch": 2})
+    assert not list(tmp_path.glob(".model.pth.*.tmp")) and safe_torch_load(tmp_path / "model.pth")["epoch"] == 2
+
+
+def test_check_finite_names_the_bad_keys():
+    from lib.checkpoint import NonFiniteWeightsError, check_finite
+
+    good = {"a.weight": torch.ones(2), "a.index": torch.arange(3), "b.bias": torch.zeros(1)}
+    check_finite(good, "f.pth")  # no error
+    bad = dict(good, **{"c.weight": torch.tensor([1.0, float("nan")]), "d.bias": torch.tensor([float("-inf")]),
+                        "e.w": torch.full((2,), float("inf"), dtype=torch.float16), "f.w": torch.tensor([float("nan")]),
+                        "g.w": torch.tensor([float("nan")])})
+    with pytest.raises(NonFiniteWeightsError) as info:
+        check_finite(bad, "run/checkpoint_best.pth")
+    msg = str(info.value)
+    assert msg.startswith("run/checkpoint_best.pth: ") and "\n" not in msg
+    assert "c.weight, d.bias, e.w and 2 more" in msg and "a.weight" not in msg
+
+
+def test_strict_load_refuses_non_finite_weights(tmp_path):
+    model = _tiny("lavt_one")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.dim() >= 2)
+    sd[key][0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=f"x.pth: weights hold NaN or inf values in {key}"):
+        load_model_state(model, sd, strict=True, source="x.pth")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
+    path = tmp_path / "diverged.pth"
+    save_checkpoint(path, {"model": sd, "config": model.config})
+    with pytest.raises(CheckpointError, match=f"{path}: weights hold NaN"):
+        load_our_checkpoint(path)
 
 
 def test_our_checkpoint_roundtrip(tmp_path):

@@ -56,6 +56,12 @@ def trained(synth, tmp_path_factory) -> Path:
     return out
 
 
+def torchrun(nproc: int) -> list[str]:
+    """``torchrun --standalone``: the rendezvous binds a free port itself, so runs in parallel
+    test processes (pytest-xdist) never collide on a fixed --master_port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -220,8 +226,7 @@ def test_torchrun_two_cpu_processes(synth, tmp_path):
     out = tmp_path / "ddp"
     proc = run("train.py", "--model", "fianet", *data_args(synth), *TINY, "--epochs", "1", "-b", "2",
                "--max_steps", "3", "--output-dir", str(out),
-               launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                         "--master_port", "29517"])
+               launcher=torchrun(2))
     ck = load(out / "checkpoint_last.pth")
     assert ck["epoch"] == 0 and ck["iteration"] == 3
     assert "val_oIoU" in json.loads((out / "log.jsonl").read_text().splitlines()[0])
@@ -232,8 +237,7 @@ def test_torchrun_two_cpu_processes(synth, tmp_path):
     ev = ["--resume", str(out / "checkpoint_last.pth"), *data_args(synth), *TINY, "--split", "val",
           "--output-dir", str(tmp_path)]
     run("test.py", *ev, "--save_json", str(r1))
-    run("test.py", *ev, "--save_json", str(r2), launcher=[sys.executable, "-m", "torch.distributed.run",
-                                                          "--nproc_per_node", "2", "--master_port", "29518"])
+    run("test.py", *ev, "--save_json", str(r2), launcher=torchrun(2))
     one, two = json.loads(r1.read_text()), json.loads(r2.read_text())
     assert one["num_samples"] == two["num_samples"]
     for k in ("oIoU", "mIoU", "P@0.5"):
@@ -299,7 +303,13 @@ def _text_blind_bound(ds, refer) -> float:
 
 def test_training_learns_the_sentences_beyond_a_text_blind_model(nltk_data_dir, tmp_path):
     """A short run that provably uses the text: it memorises 16 scenes (3 sentences each, disjoint
-    targets) and, evaluated on them, beats the best score a text-blind model could reach."""
+    targets) and, evaluated on them, beats the best score a text-blind model could reach.
+
+    35 epochs, because this tiny run is chaotic: round-off differences between CPUs change its
+    trajectory. Measured (one thread, --seed 0/1/2) loss ratio last-3 / first-3 and best val mIoU
+    of the last 3 epochs (text-blind bound 0.333): AVX-512 0.166/0.756, 0.217/0.718, 0.172/0.726;
+    AVX2 emulation 0.189/0.712, 0.216/0.666, 0.188/0.728. With 25 epochs the same runs spread from
+    0.23/0.68 to 0.57/0.42 (and 0.54 on an AVX2-only EPYC), too close to the thresholds below."""
     from data.datasets import build_dataset
     from data.synthetic import generate
     from refer.refer import REFER
@@ -309,10 +319,10 @@ def test_training_learns_the_sentences_beyond_a_text_blind_model(nltk_data_dir, 
     synth = {k: Path(v) for k, v in paths.items()}
     out = tmp_path / "run"
     run("train.py", "--model", "fianet", "--num_tmem", "1", *data_args(synth), *TINY, "--swin_embed_dim", "16",
-        "--drop_path_rate", "0", "--epochs", "25", "-b", "4", "--lr", "2e-3", "--seed", "0",
+        "--drop_path_rate", "0", "--epochs", "35", "-b", "4", "--lr", "2e-3", "--seed", "0",
         "--val_split", "train", "--output-dir", str(out))
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 25
+    assert len(log) == 35
     loss = [r["train_loss"] for r in log]
     assert np.mean(loss[-3:]) < 0.5 * np.mean(loss[:3]), loss  # the loss falls
 

@@ -133,3 +133,17 @@ def test_nonfinite_weights_are_refused(synth, tmp_path):  # noqa: F811
                "--save_json", str(res), check=False)
     _one_error_line(proc, key)
     assert not res.exists()
+
+
+def test_corrupt_image_mid_epoch_names_file_and_ref(synth, tmp_path):  # noqa: F811
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth["rrsisd"], data)
+    bad = sorted((data / "images").rglob("*.jpg"))[0]
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg " * 20)  # non-empty: passes the stat pass
+    args = ["--model", "lavt_one", "--dataset", "rrsisd", "--refer_data_root", str(data), "--bert_tokenizer",
+            str(synth["bert"]), "--ck_bert", str(synth["bert"]), *TINY, "-b", "1", "--epochs", "1", "--no_val",
+            "--output-dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")]
+    line = _one_error_line(run("train.py", *args, check=False), bad.name, "ref ")
+    assert "cannot read image" in line

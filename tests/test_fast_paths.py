@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
 from lib.decoder import SimpleDecoding
 from lib.registry import build_model, tiny_model_config
-from test_entrypoints import TINY, data_args, load, run, synth  # noqa: F401  (synth: the session fixture)
+from test_entrypoints import TINY, data_args, load, run, synth, torchrun  # noqa: F401  (synth: the session fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -97,23 +96,30 @@ def test_compile_with_ddp_matches_eager(synth, tmp_path):
     common = ["--model", "lavt_one", *data_args(synth), *TINY, "--epochs", "1", "-b", "2", "--max_steps", "2",
               "--lr", "1e-3", "--no_val", "--print-freq", "1"]
     ckpts, logs = {}, {}
-    for port, compiled in ((29531, False), (29532, True)):
+    for compiled in (False, True):
         out = tmp_path / ("compiled" if compiled else "eager")
-        run("train.py", *common, "--output-dir", str(out), *(["--compile", "--compile_backend", "aot_eager"] if compiled else []),
-            launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)])
+        flags = ["--compile", "--compile_backend", "aot_eager"] if compiled else []
+        run("train.py", *common, "--output-dir", str(out), *flags, launcher=torchrun(2))
         ckpts[compiled] = load(out / "checkpoint_last.pth")
         logs[compiled] = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert ckpts[True]["iteration"] == 2 and ckpts[True]["args"]["compile"] is True
     # Mean of the per-step losses (--print-freq 1); the second step runs on the updated weights.
+    # Measured |d| 0 (AVX-512) and 1.2e-7 (AVX2 emulation), one thread per process.
     assert logs[True]["train_loss"] == pytest.approx(logs[False]["train_loss"], abs=1e-4)
     # The checkpoint holds the plain model's keys (no `_orig_mod.` / `module.` prefixes).
     eager, compiled = ckpts[False]["model"], ckpts[True]["model"]
     assert compiled.keys() == eager.keys()
-    # Weight matrices / kernels took the same AdamW step (lr 1e-3; a wrong gradient would move them
-    # by ~1e-3). Vectors are left out: biases in front of an InstanceNorm (PWAM) or feeding only a
-    # normalisation have an exactly zero gradient, and AdamW's first step turns their round-off
-    # gradients into +-lr moves whichever way the graph was run.
+    # Weight matrices / kernels took the same AdamW steps (lr 1e-3). AdamW's first step moves every
+    # entry by about +-lr whatever the size of its gradient, so an entry whose true gradient is zero
+    # up to round-off (biases in front of an InstanceNorm, a bias-table entry a softmax cancels)
+    # moves by +-lr either way depending on the CPU's summation order: vectors are left out, and
+    # a few matrix entries may differ by up to 2 steps of ~lr. A wrong gradient (e.g. one not
+    # all-reduced) flips the sign of a large share of all entries. Measured entries over 1e-4:
+    # 0 of 286,374 on AVX-512 and under AVX2 emulation; one bias-table entry on an AVX2-only EPYC.
     matrices = [k for k, v in eager.items() if v.is_floating_point() and v.dim() >= 2]
     assert len(matrices) > 50
+    total = sum(eager[k].numel() for k in matrices)
+    off = {k: int(((compiled[k] - eager[k]).abs() > 1e-4).sum()) for k in matrices}
+    assert sum(off.values()) <= 1e-4 * total, {k: n for k, n in off.items() if n}
     for k in matrices:
-        torch.testing.assert_close(compiled[k], eager[k], rtol=0, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(compiled[k], eager[k], rtol=0, atol=4e-3, msg=lambda m, k=k: f"{k}: {m}")

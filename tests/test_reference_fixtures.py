@@ -33,12 +33,15 @@ def test_fixture_matches_reference(fixtures_dir, name):
     assert len(res.features) == n_ref and all(r.diff is not None for r in res.features)
 
 
-def test_fixture_plain_attention_is_bit_exact(fixtures_dir):
-    """The plain window-attention path uses the reference op order: logits match bit for bit
-    (same PyTorch ops on the same thread count)."""
+def test_fixture_plain_attention_matches_reference(fixtures_dir):
+    """The plain window-attention path (the reference op order) also matches the fixture within
+    its stored logit tolerance (1e-4, five times the reference's own thread-count noise).
+
+    Not bit-exact across machines: measured max |d logits| 9.6e-6 (2 threads) and 2.1e-5 (1 thread)
+    on AVX-512, 1.4e-5 / 8.5e-6 under AVX2 emulation, 1.46e-5 on an AVX2-only AMD EPYC."""
     (res,) = check_fixture(fixtures_dir / "fianet_a.pt", fused_attention=False, print_fn=lambda s: None)
     assert res.ok
-    assert res.logits[0].diff < 1e-5
+    assert res.logits[0].diff <= res.logits[0].tol == pytest.approx(1e-4)
 
 
 def test_lavt_two_part_checkpoint(lavt_fixture):

@@ -30,7 +30,7 @@ def test_is_a_transformers_bert_without_pooler_or_position_ids():
     assert enc.config._attn_implementation == "eager"
 
 
-def test_lavt_fixture_features_bit_exact(fixtures_dir):
+def test_lavt_fixture_text_features_within_tolerance(fixtures_dir):
     fx = torch.load(fixtures_dir / "lavt_a.pt")
     enc = _fixture_encoder(fx)
     inp = fx["inputs"]

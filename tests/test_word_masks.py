@@ -116,10 +116,31 @@ def test_flags_past_max_tokens_are_clipped(rrsisd_masker, n, t_exp, p_exp):
     assert len(t_mask) == n and len(p_mask) == n
     assert positions(t_mask) == t_exp
     assert overflow
-    if p_exp:
-        assert positions(p_mask) == p_exp
-    else:  # phrase entirely past the end: nothing left -> attention fallback of the kept tokens
-        assert p_mask == attention
+    # n=2: the phrase was found but lies entirely past the limit -> an all-zero mask, no fallback
+    assert positions(p_mask) == p_exp
+
+
+def test_position_phrase_past_the_token_limit_keeps_an_all_zero_mask(rrsisd_masker):
+    """An RRSIS-D-style caption cut at 22 tokens whose one position phrase ("in the lower right":
+    IN DT JJR NN) starts past the cut: a phrase was found, so the mask within the limit stays all
+    zero instead of falling back to the attention mask (the reference's per-sentence rule)."""
+    sentence = ("the big white storage tank and the small grey storage tank and the long thin grey road "
+                "and the white ship are in the lower right corner")
+    words = rrsisd_masker.words(sentence)
+    assert rrsisd_masker.position_phrases(words) == ["in the lower right"], rrsisd_masker.tag(words)
+    assert words.index("in") + 1 == 23  # its position with [CLS] in front: past 0..21
+    n = 22
+    attention = [1] * n  # truncated: every kept position is a real token, no [SEP]
+    t_mask, p_mask, overflow = rrsisd_masker(sentence, attention)
+    assert p_mask == [0] * n and overflow
+    # t_mask unchanged: "storage tank" at its first word 3 -> 4, 5; "ship" word 20 -> 21
+    assert positions(t_mask) == {4, 5, 21}
+    # With room for it the same phrase is marked as usual ...
+    _, p_full, _ = rrsisd_masker(sentence, [1] * 29 + [0] * 1)
+    assert positions(p_full) == {23, 24, 25, 26}
+    # ... and a sentence with no phrase at all still falls back to its attention mask.
+    _, p_none, _ = rrsisd_masker("the big white storage tank", ones(7, n))
+    assert p_none == ones(7, n)
 
 
 def test_class_lists_exact():
