@@ -1,6 +1,6 @@
 """CrossVLT: cross-aware early fusion with stage-divided vision and language encoders
-(Cho, Yu, Kang, IEEE TMM 2023), crossvlt.md. LAVT with a language encoder cut into four stages
-that alternate with the four Swin stages:
+(Cho, Yu, Kang, IEEE TMM 2023). LAVT with a language encoder cut into four stages that alternate
+with the four Swin stages:
 
     ids --L1 (BERT embeddings + n1 BERT layers)--------------------------> w1 ----------+
     image --patch embed--> V1(w1) --x_down1--> L2(V->L over x_down1) ----> w2           |
@@ -12,11 +12,13 @@ that alternate with the four Swin stages:
     training: S_i = cos(proj_i(Swin_i tokens), proj(L_i [CLS])) / temp_i  (i = 1..4) <--+
               alignment loss = sum_i BCE(upsample(S_i -> target size), target)
 
-One vision stage i (`VisionStage`, state_dict ``backbone.{i}``; the reference's MMLayer is
-``backbone.{i}.layers``): Swin blocks -> X; P = ``proj``(X) (alignment only);
-R = ``attn1``(X, w_i); X <- X + ``linear1``(R) * R; decoder map = ``norm{i}``(R); stages 0-2 then
-PatchMerging -> X_down, R2 = ``attn2``(X_down, w_i), X_down <- X_down + ``linear2``(R2) * R2, which is
-the next vision stage's input AND the next language stage's keys/values.
+The vision side is the shared multi-modal Swin (`lib.swin.MultiModalSwin`) with `CrossAwareLayer`
+stages (the reference's ``MMLayer``, state_dict ``backbone.{i}.layers``): Swin blocks -> X;
+`fuse`: P = ``proj``(X) (alignment only), R = ``attn1``(X, w_i), X <- X + ``linear1``(R) * R, decoder
+map = ``norm{i}``(R); stages 0-2 then PatchMerging -> X_down and `after_merge`: R2 =
+``attn2``(X_down, w_i), X_down <- X_down + ``linear2``(R2) * R2, which is the next vision stage's
+input AND the keys/values of the next language stage L_{i+2}, run there to give w_{i+1}.
+`CrossVLTBackbone` only regroups the modules into the reference's tree (``backbone.{i}``).
 
 API (the choice asked for by the common model contract):
 
@@ -24,14 +26,16 @@ API (the choice asked for by the common model contract):
 * ``model(image, text, l_mask, target=mask) -> (logits, alignment_loss)``: with the ground truth
   (B, H, W) the forward also computes the four similarity maps and returns the weighted alignment
   loss (a scalar, float32). Whether the maps are computed depends on ``target``, never on
-  ``nn.Module.training`` (the reference's training/eval return arity bug, crossvlt.md §9).
+  ``nn.Module.training`` (the reference's forward returns a different number of outputs in
+  training and eval mode).
   The total training loss of the reference is ``2 * weighted_CE(logits, target) + alignment_loss``
   (`CrossVLT.loss`: terms ``ce`` and ``align``).
-* ``return_features=True`` appends a dict of named intermediate tensors (fixture names).
+* ``return_features=True`` appends a dict of named intermediate tensors (named by the reference's
+  module paths, e.g. ``backbone.1.layers.attn1``, ``lang_stage2.sequence_output``).
 
 The temperature ``temp`` (4,) is a non-persistent buffer of ones by default: the reference creates
-it as a parameter but never optimises it (crossvlt.md §4), and its test-time model (and the
-fixtures, and the state_dict of ``test.py``) has no ``temp``. With ``alignment.learnable_temperature``
+it as a parameter but never optimises it (it is in no optimiser group), and its test-time model
+(and the state_dict of its ``test.py``) has no ``temp``. With ``alignment.learnable_temperature``
 it is an ``nn.Parameter`` (then ``temp`` is a state_dict key, as in the reference's training files).
 
 Language stages are built from `transformers` BERT pieces (``BertEmbeddings``, ``BertLayer``,
@@ -219,7 +223,7 @@ class LanguageStage(nn.Module):
 # Vision side
 # ============================================================================================
 class FusionLayer(nn.Module):
-    """L->V multi-head cross-attention of CrossVLT (crossvlt.md §3.2), pixels attend to words.
+    """L->V multi-head cross-attention of CrossVLT, pixels attend to words.
 
     ``(x (B, L, v_dim), words (B, N, l_dim), l_mask (B, N)) -> (B, L, v_dim)``:
     q = InstanceNorm(Conv1x1(x)) (B, d, L), channel c in head c // head_dim; k = ``l_q``(words),
@@ -344,6 +348,18 @@ class CrossVLTBackbone(MultiModalSwin):
             group.add_module(f"norm{i}", self._modules.pop(f"norm{i}"))
             self.add_module(str(i), group)
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The reference's init of every ``backbone`` module: Linear trunc-normal 0.02 / bias 0,
+        LayerNorm 1 / 0, Conv2d Kaiming-normal fan_out, Conv1d Kaiming-normal fan_in, conv biases 0.
+        (So the gates do NOT start at zero, as in the reference.)"""
+        init_backbone_weights(self)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
     def __getattr__(self, name: str) -> Any:
         groups = self.__dict__["_modules"]
         if name in ("patch_embed", "pos_drop") and "0" in groups:
@@ -359,19 +375,6 @@ class CrossVLTBackbone(MultiModalSwin):
 
     def __len__(self) -> int:
         return len(self.num_features)
-
-@torch.no_grad()
-def _init_vision_weights(module: nn.Module) -> None:
-    """The reference's init of every ``backbone`` module (crossvlt.md §3.4): Linear trunc-normal
-    0.02 / bias 0, LayerNorm 1 / 0, Conv2d Kaiming-normal fan_out, Conv1d Kaiming-normal fan_in,
-    conv biases 0. (So the gates do NOT start at zero, as in the reference.)"""
-    init_backbone_weights(module)
-    for m in module.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
 
 # ============================================================================================
 # Alignment loss
@@ -453,7 +456,7 @@ class CrossVLT(SegmentationModel):
         l_in = bert_cfgs[0].hidden_size
         e = int(s["embed_dim"])
         self.backbone = CrossVLTBackbone(stage_kwargs=[{"l_in": l_in}] * 4, **swin_kwargs(config))
-        _init_vision_weights(self.backbone)
+        self.backbone.init_weights()
         self.lang_stage1 = LanguageStage1(bert_cfgs[0], bert_cfgs[0].num_hidden_layers)
         _init_bert_style(self.lang_stage1, bert_cfgs[0].initializer_range, skip=[self.lang_stage1.encoder.proj])
         # V->L keys/values of L_{k+1}: the merged and fused tokens of vision stage k (width 2^(k+1) E).
@@ -475,10 +478,6 @@ class CrossVLT(SegmentationModel):
         """Keys of original checkpoints that this model deliberately does not hold: the reference's
         training files carry ``temp`` (never optimised, always ones); a loader should drop them."""
         return () if isinstance(self.temp, nn.Parameter) else ("temp",)
-
-    @property
-    def language_stages(self) -> list[nn.Module]:
-        return [self.lang_stage1, self.lang_stage2, self.lang_stage3, self.lang_stage4]
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, image: torch.Tensor, text: torch.Tensor, l_mask: torch.Tensor, t_mask: torch.Tensor | None = None,
@@ -534,7 +533,7 @@ class CrossVLT(SegmentationModel):
         return self.dead_parameter_names() + self.not_optimized_parameter_names()
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """The reference's AdamW groups (crossvlt.md §8), trainable parameters only:
+        """The reference's AdamW groups, trainable parameters only:
         backbone names containing norm / absolute_pos_embed / relative_position_bias_table (no
         decay), other backbone (Swin + fusion + gates + alignment projections), decoder,
         ``lang_stage1.encoder`` (its BERT layers + proj), ``lang_stage2``, ``lang_stage3``,
@@ -576,7 +575,7 @@ class CrossVLT(SegmentationModel):
 
     # -- pretrained weights ------------------------------------------------------------------
     def load_pretrained_swin(self, path: str | Path) -> list[str]:
-        """Official Swin ImageNet weights (crossvlt.md §3.4): ``patch_embed.*`` -> ``backbone.0``,
+        """Official Swin ImageNet weights: ``patch_embed.*`` -> ``backbone.0``,
         ``layers.{i}.*`` -> ``backbone.{i}.layers.*``; head, final norm and attn masks dropped.
         Goes through `lib.checkpoint.load_swin_pretrained` on a view with the Swin key layout;
         returns the loaded keys in this model's names."""
@@ -596,8 +595,8 @@ class CrossVLT(SegmentationModel):
 
     def load_pretrained_bert(self, folder: str | Path) -> list[str]:
         """Copy a local Hugging Face BERT (e.g. bert-base-uncased) into L1: embeddings and the first
-        ``n1`` encoder layers (crossvlt.md §2.1: selected explicitly, pooler and later layers
-        unused). With ``init_lang_from_bert`` in the config, L2-L4's self-attention layers are also
+        ``n1`` encoder layers (selected explicitly; the pooler and later layers are
+        unused, as in the reference). With ``init_lang_from_bert`` in the config, L2-L4's self-attention layers are also
         initialised from the following BERT layers (an experiment; the reference keeps them random).
         Returns the loaded key names (``lang_stage*``)."""
         from transformers import BertModel
@@ -632,7 +631,7 @@ class CrossVLT(SegmentationModel):
 # Config and spec
 # ============================================================================================
 def _configure(cfg: dict, options: dict) -> None:
-    """Language stages of 6 + 1 + 1 + 1 BERT layers sharing one BERT config (paper section 3.1)."""
+    """Language stages of 6 + 1 + 1 + 1 BERT layers sharing one BERT config (the released code's split)."""
     layers = [int(n) for n in options.get("bert_layers_per_stage", (6, 1, 1, 1))]
     if len(layers) != 4 or min(layers) < 0:
         raise ValueError(f"bert_layers_per_stage needs 4 non-negative layer counts, got {layers}")
