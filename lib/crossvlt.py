@@ -361,7 +361,7 @@ class CrossVLTBackbone(MultiModalSwin):
                     nn.init.zeros_(m.bias)
 
     def __getattr__(self, name: str) -> Any:
-        groups = self.__dict__["_modules"]
+        groups = self.__dict__.get("_modules", {})  # absent while unpickling
         if name in ("patch_embed", "pos_drop") and "0" in groups:
             return getattr(groups["0"], name)
         if name == "layers" and "0" in groups:
@@ -375,6 +375,7 @@ class CrossVLTBackbone(MultiModalSwin):
 
     def __len__(self) -> int:
         return len(self.num_features)
+
 
 # ============================================================================================
 # Alignment loss
