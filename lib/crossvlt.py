@@ -1,6 +1,6 @@
 """CrossVLT: cross-aware early fusion with stage-divided vision and language encoders
-(Cho, Yu, Kang, IEEE TMM 2023), crossvlt.md. LAVT with a language encoder cut into four stages
-that alternate with the four Swin stages:
+(Cho, Yu, Kang, IEEE TMM 2023). LAVT with a language encoder cut into four stages that alternate
+with the four Swin stages:
 
     ids --L1 (BERT embeddings + n1 BERT layers)--------------------------> w1 ----------+
     image --patch embed--> V1(w1) --x_down1--> L2(V->L over x_down1) ----> w2           |
@@ -12,11 +12,13 @@ that alternate with the four Swin stages:
     training: S_i = cos(proj_i(Swin_i tokens), proj(L_i [CLS])) / temp_i  (i = 1..4) <--+
               alignment loss = sum_i BCE(upsample(S_i -> target size), target)
 
-One vision stage i (`VisionStage`, state_dict ``backbone.{i}``; the reference's MMLayer is
-``backbone.{i}.layers``): Swin blocks -> X; P = ``proj``(X) (alignment only);
-R = ``attn1``(X, w_i); X <- X + ``linear1``(R) * R; decoder map = ``norm{i}``(R); stages 0-2 then
-PatchMerging -> X_down, R2 = ``attn2``(X_down, w_i), X_down <- X_down + ``linear2``(R2) * R2, which is
-the next vision stage's input AND the next language stage's keys/values.
+The vision side is the shared multi-modal Swin (`lib.swin.MultiModalSwin`) with `CrossAwareLayer`
+stages (the reference's ``MMLayer``, state_dict ``backbone.{i}.layers``): Swin blocks -> X;
+`fuse`: P = ``proj``(X) (alignment only), R = ``attn1``(X, w_i), X <- X + ``linear1``(R) * R, decoder
+map = ``norm{i}``(R); stages 0-2 then PatchMerging -> X_down and `after_merge`: R2 =
+``attn2``(X_down, w_i), X_down <- X_down + ``linear2``(R2) * R2, which is the next vision stage's
+input AND the keys/values of the next language stage L_{i+2}, run there to give w_{i+1}.
+`CrossVLTBackbone` only regroups the modules into the reference's tree (``backbone.{i}``).
 
 API (the choice asked for by the common model contract):
 
@@ -24,14 +26,16 @@ API (the choice asked for by the common model contract):
 * ``model(image, text, l_mask, target=mask) -> (logits, alignment_loss)``: with the ground truth
   (B, H, W) the forward also computes the four similarity maps and returns the weighted alignment
   loss (a scalar, float32). Whether the maps are computed depends on ``target``, never on
-  ``nn.Module.training`` (the reference's training/eval return arity bug, crossvlt.md §9).
+  ``nn.Module.training`` (the reference's forward returns a different number of outputs in
+  training and eval mode).
   The total training loss of the reference is ``2 * weighted_CE(logits, target) + alignment_loss``
   (`CrossVLT.loss`: terms ``ce`` and ``align``).
-* ``return_features=True`` appends a dict of named intermediate tensors (fixture names).
+* ``return_features=True`` appends a dict of named intermediate tensors (named by the reference's
+  module paths, e.g. ``backbone.1.layers.attn1``, ``lang_stage2.sequence_output``).
 
 The temperature ``temp`` (4,) is a non-persistent buffer of ones by default: the reference creates
-it as a parameter but never optimises it (crossvlt.md §4), and its test-time model (and the
-fixtures, and the state_dict of ``test.py``) has no ``temp``. With ``alignment.learnable_temperature``
+it as a parameter but never optimises it (it is in no optimiser group), and its test-time model
+(and the state_dict of its ``test.py``) has no ``temp``. With ``alignment.learnable_temperature``
 it is an ``nn.Parameter`` (then ``temp`` is a state_dict key, as in the reference's training files).
 
 Language stages are built from `transformers` BERT pieces (``BertEmbeddings``, ``BertLayer``,
@@ -41,7 +45,6 @@ module because its key/value inputs are 256/512/1024 wide, not 768.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -53,11 +56,11 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertIntermedi
 
 from bert.text_encoder import MASK_VALUE, bert_config_dict
 from lib.decoder import SimpleDecoding
-from lib.lavt import TINY_OPTIONS, family_builder
+from lib.lavt import TINY_OPTIONS, family_builder, swin_kwargs
 from lib.layers import init_backbone_weights, tanh_gate
 from lib.losses import weighted_cross_entropy
 from lib.spec import ModelSpec, Recipe, SegmentationModel
-from lib.swin import SWIN_DEFAULTS, MultiModalStage, PatchEmbed, WindowAttention, run_swin_blocks
+from lib.swin import SWIN_DEFAULTS, MultiModalStage, MultiModalSwin
 
 # The reference's training loss: L = 2 * CE_w + sum_i 1 * BCE_i.
 SEGMENTATION_LOSS_WEIGHT = 2.0
@@ -220,7 +223,7 @@ class LanguageStage(nn.Module):
 # Vision side
 # ============================================================================================
 class FusionLayer(nn.Module):
-    """L->V multi-head cross-attention of CrossVLT (crossvlt.md §3.2), pixels attend to words.
+    """L->V multi-head cross-attention of CrossVLT, pixels attend to words.
 
     ``(x (B, L, v_dim), words (B, N, l_dim), l_mask (B, N)) -> (B, L, v_dim)``:
     q = InstanceNorm(Conv1x1(x)) (B, d, L), channel c in head c // head_dim; k = ``l_q``(words),
@@ -260,26 +263,20 @@ class FusionLayer(nn.Module):
         return self.project_mm(self.w_v(out) + v).transpose(1, 2)
 
 
-@dataclass
-class StageResult:
-    """What one vision stage hands on: alignment tokens ``x_proj`` (B, H*W, 256) or None, the
-    decoder map ``out`` (B, C, H, W), the next tokens ``x_next`` (B, H'*W', C') (None when not
-    needed), and the sizes H, W (this stage) and H', W' (next stage)."""
-
-    x_proj: torch.Tensor | None
-    out: torch.Tensor
-    x_next: torch.Tensor | None
-    H: int
-    W: int
-    H_next: int
-    W_next: int
-
-
 class CrossAwareLayer(MultiModalStage):
-    """The reference's ``MMLayer`` (``backbone.{i}.layers``): Swin blocks, alignment ``proj``, two
-    L->V fusions (``attn1`` before, ``attn2`` after PatchMerging) with their tanh gates
-    (``linear1``, ``linear2``). Stage 0's ``attn1`` has inner width 2C; the last stage has no
-    PatchMerging and no ``attn2`` / ``linear2``, and its gated trunk is never used."""
+    """The reference's ``MMLayer`` (``backbone.{i}.layers``) as an ordinary `MultiModalStage`:
+    Swin blocks, alignment ``proj``, two L->V fusions (``attn1`` before, ``attn2`` after
+    PatchMerging) with their tanh gates (``linear1``, ``linear2``), and, after PatchMerging, the
+    next language stage attending to the merged and fused tokens. Stage 0's ``attn1`` has inner
+    width 2C; the last stage has no PatchMerging and no ``attn2`` / ``linear2``, and its gated trunk
+    is never used.
+
+    Language state (``text``) read and written by the hooks: ``words`` (B, N, hidden) the output of
+    language stage i+1 (the one this vision stage i fuses with), ``l_mask`` (B, N), ``ext_mask``
+    (B, 1, 1, N) its -10000 self-attention mask, and, only when the alignment loss is computed,
+    ``cls`` (B, 256) = ``proj`` of that language stage on [CLS]; `fuse` then adds
+    ``similarity{i}`` (B, 1, H, W).
+    """
 
     def __init__(self, *, l_in: int = 768, **swin: Any):
         super().__init__(**swin)
@@ -290,78 +287,94 @@ class CrossAwareLayer(MultiModalStage):
         if self.downsample is not None:
             self.attn2 = FusionLayer(2 * dim, l_in, 2 * dim)
             self.linear2 = tanh_gate(2 * dim)
+        # The language stage that runs after this stage's PatchMerging. A tuple, not a sub-module:
+        # its weights belong to ``lang_stage{i+2}`` (the original key names), set by `attach_language`.
+        self._next_language: tuple[LanguageStage, ...] = ()
 
-    def fuse(self, x, H, W, text, feats, prefix):  # pragma: no cover - CrossVLT overrides forward
-        raise NotImplementedError("CrossAwareLayer runs its own forward (fusion before and after PatchMerging)")
+    def attach_language(self, stage: LanguageStage) -> None:
+        """Run ``stage`` (L_{i+2}, a module owned elsewhere) on this stage's merged tokens."""
+        self._next_language = (stage,)
 
-    def forward(self, x: torch.Tensor, H: int, W: int, words: torch.Tensor, l_mask: torch.Tensor,  # type: ignore[override]
-                feats: dict[str, Any] | None = None, prefix: str = "", need_proj: bool = False):
-        """``(B, H*W, C) -> (x_proj or None, r (B, H*W, C), x_next or None, H', W')``."""
-        x = run_swin_blocks(self.blocks, x, H, W, self.grad_ckpt and self.training)
-        if feats is not None:
-            feats[prefix + "blocks_last"] = x
-        x_proj = self.proj(x) if need_proj or feats is not None else None
-        r = self.attn1(x, words, l_mask)
+    def fuse(self, x, H, W, text, feats, prefix):
+        """R = attn1(X, words); X <- X + linear1(R) * R; emits R (decoder map before norm_i) and,
+        with the alignment loss, S_i = cos(proj(X), cls) on the pre-fusion tokens X."""
+        if "cls" in text or feats is not None:
+            x_proj = self.proj(x)
+            if feats is not None:
+                feats[prefix + "x_proj"] = x_proj
+            if "cls" in text:
+                text = {**text, f"similarity{self.stage_index}": similarity_map(x_proj, text["cls"], H, W)}
+        r = self.attn1(x, text["words"], text["l_mask"])
         if feats is not None:
             feats[prefix + "attn1"] = r
-        if self.downsample is None:
-            # Last stage: the gated trunk is returned by the reference but used by nothing.
-            x = x + self.linear1(r) * r if feats is not None else None
-            return x_proj, r, x, H, W
-        x = x + self.linear1(r) * r
-        x = self.downsample(x, H, W)
-        r2 = self.attn2(x, words, l_mask)
+        if self.last and feats is None:
+            return r, None, text  # the reference computes and discards the last gated trunk
+        return r, x + self.linear1(r) * r, text
+
+    def after_merge(self, x, H, W, text, feats, prefix):
+        """R2 = attn2(X_down, words); X_down <- X_down + linear2(R2) * R2, the next vision stage's
+        input and the keys/values of the next language stage, which updates ``words`` (and ``cls``)."""
+        r2 = self.attn2(x, text["words"], text["l_mask"])
         x = x + self.linear2(r2) * r2
-        return x_proj, r, x, (H + 1) // 2, (W + 1) // 2
+        (language,) = self._next_language
+        words = language(text["words"], text["ext_mask"], x)
+        if feats is not None:
+            feats[f"lang_stage{self.stage_index + 2}.sequence_output"] = words
+        text = {**text, "words": words}
+        if "cls" in text:
+            text["cls"] = language.cls_embedding(words)
+        return x, text
 
 
-class VisionStage(nn.Module):
-    """``backbone.{i}``: (stage 0: ``patch_embed``) + ``layers`` (`CrossAwareLayer`) + ``norm{i}``.
+class CrossVLTBackbone(MultiModalSwin):
+    """`MultiModalSwin` with `CrossAwareLayer` stages, laid out as the reference's module tree:
+    ``{i}.layers`` (stage i), ``{i}.norm{i}`` (its output norm), ``0.patch_embed`` — one
+    container per vision stage, so parameter names and state_dict keys are the originals'
+    (``backbone.{i}.layers.*``) and the construction / init order is theirs too.
 
-    ``forward(x, H, W, words, l_mask)``: stage 0 takes the image (B, 3, H, W) and ignores H, W;
-    the others take tokens (B, H*W, C). Returns a `StageResult`.
+    ``backbone[i]`` is the container of stage i; ``patch_embed``, ``pos_drop``, ``layers`` (a list)
+    and ``norm{i}`` resolve into the containers, so `MultiModalSwin`'s forward runs unchanged.
     """
 
-    def __init__(self, index: int, *, embed_dim: int, patch_size: int, in_chans: int, patch_norm: bool,
-                 drop_rate: float, l_in: int, **layer_kwargs: Any):
-        super().__init__()
-        self.index = index
-        self.dim = embed_dim * 2 ** index
-        if index == 0:
-            self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
-            self.pos_drop = nn.Dropout(drop_rate)
-        self.layers = CrossAwareLayer(dim=self.dim, drop=drop_rate, stage_index=index, l_in=l_in, **layer_kwargs)
-        self.add_module(f"norm{index}", nn.LayerNorm(self.dim))
+    def __init__(self, **kwargs: Any):
+        super().__init__(CrossAwareLayer, **kwargs)
+        layers = self._modules.pop("layers")
+        for i, layer in enumerate(layers):
+            group = nn.Module()
+            if i == 0:
+                group.patch_embed = self._modules.pop("patch_embed")
+                group.pos_drop = self._modules.pop("pos_drop")
+            group.layers = layer
+            group.add_module(f"norm{i}", self._modules.pop(f"norm{i}"))
+            self.add_module(str(i), group)
 
-    def forward(self, x: torch.Tensor, H: int, W: int, words: torch.Tensor, l_mask: torch.Tensor,
-                feats: dict[str, Any] | None = None, need_proj: bool = False) -> StageResult:
-        prefix = f"backbone.{self.index}."
-        if self.index == 0:
-            x = self.patch_embed(x)
-            if feats is not None:
-                feats[prefix + "patch_embed"] = x
-            H, W = x.shape[-2:]
-            x = self.pos_drop(x.flatten(2).transpose(1, 2))
-        x_proj, r, x_next, hn, wn = self.layers(x, H, W, words, l_mask, feats, prefix + "layers.", need_proj)
-        out = getattr(self, f"norm{self.index}")(r).view(-1, H, W, self.dim).permute(0, 3, 1, 2).contiguous()
-        if feats is not None:
-            feats[prefix + "x_proj"] = x_proj
-            feats[prefix + "out"] = out
-            feats[prefix + "x_next"] = x_next
-        return StageResult(x_proj, out, x_next, H, W, hn, wn)
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The reference's init of every ``backbone`` module: Linear trunc-normal 0.02 / bias 0,
+        LayerNorm 1 / 0, Conv2d Kaiming-normal fan_out, Conv1d Kaiming-normal fan_in, conv biases 0.
+        (So the gates do NOT start at zero, as in the reference.)"""
+        init_backbone_weights(self)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
+    def __getattr__(self, name: str) -> Any:
+        groups = self.__dict__.get("_modules", {})  # absent while unpickling
+        if name in ("patch_embed", "pos_drop") and "0" in groups:
+            return getattr(groups["0"], name)
+        if name == "layers" and "0" in groups:
+            return [groups[str(i)].layers for i in range(len(self.num_features))]
+        if name.startswith("norm") and name[4:] in groups:
+            return getattr(groups[name[4:]], name)
+        return super().__getattr__(name)
 
-@torch.no_grad()
-def _init_vision_weights(module: nn.Module) -> None:
-    """The reference's init of every ``backbone`` module (crossvlt.md §3.4): Linear trunc-normal
-    0.02 / bias 0, LayerNorm 1 / 0, Conv2d Kaiming-normal fan_out, Conv1d Kaiming-normal fan_in,
-    conv biases 0. (So the gates do NOT start at zero, as in the reference.)"""
-    init_backbone_weights(module)
-    for m in module.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    def __getitem__(self, i: int) -> nn.Module:
+        return self._modules[str(i)]
+
+    def __len__(self) -> int:
+        return len(self.num_features)
 
 
 # ============================================================================================
@@ -397,6 +410,21 @@ def alignment_loss(sim_maps: Sequence[torch.Tensor], target: torch.Tensor, tempe
     return total
 
 
+def _reference_feature_names(feats: dict[str, Any], maps: Sequence[torch.Tensor]) -> None:
+    """Rename the backbone's captured features in place to the reference's module paths:
+    ``backbone.layers.{i}.X`` -> ``backbone.{i}.layers.X`` (inside ``MMLayer``), except the stage's
+    hand-off tokens ``backbone.{i}.x_next`` and alignment tokens ``backbone.{i}.x_proj``; adds the
+    decoder maps ``backbone.{i}.out`` (B, C_i, H_i, W_i) and ``backbone.0.patch_embed``."""
+    for key in [k for k in feats if k.startswith("backbone.layers.")]:
+        _, _, i, name = key.split(".", 3)
+        value = feats.pop(key)
+        if name != "x_residual":  # = attn1 (the map before norm_i), already captured
+            feats[f"backbone.{i}.{name}" if name in ("x_next", "x_proj") else f"backbone.{i}.layers.{name}"] = value
+    feats["backbone.0.patch_embed"] = feats.pop("backbone.patch_embed")
+    for i, m in enumerate(maps):
+        feats[f"backbone.{i}.out"] = m
+
+
 # ============================================================================================
 # The model
 # ============================================================================================
@@ -428,22 +456,15 @@ class CrossVLT(SegmentationModel):
         bert_cfgs = [_hf_bert_config(c) for c in stage_bert_configs(config)]
         l_in = bert_cfgs[0].hidden_size
         e = int(s["embed_dim"])
-        dpr = torch.linspace(0, s.get("drop_path_rate", 0.3), sum(depths)).tolist()
-        self.backbone = nn.ModuleList(
-            VisionStage(i, embed_dim=e, patch_size=s.get("patch_size", 4), in_chans=s.get("in_chans", 3),
-                        patch_norm=s.get("patch_norm", True), drop_rate=s.get("drop_rate", 0.0), l_in=l_in,
-                        depth=depths[i], num_heads=heads[i], window_size=s["window_size"],
-                        mlp_ratio=s.get("mlp_ratio", 4.0), qkv_bias=s.get("qkv_bias", True), qk_scale=s.get("qk_scale"),
-                        attn_drop=s.get("attn_drop_rate", 0.0), drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
-                        downsample=i < 3, fused_attn=config.get("fused_attn", True), last=i == 3)
-            for i in range(4))
-        _init_vision_weights(self.backbone)
+        self.backbone = CrossVLTBackbone(stage_kwargs=[{"l_in": l_in}] * 4, **swin_kwargs(config))
+        self.backbone.init_weights()
         self.lang_stage1 = LanguageStage1(bert_cfgs[0], bert_cfgs[0].num_hidden_layers)
         _init_bert_style(self.lang_stage1, bert_cfgs[0].initializer_range, skip=[self.lang_stage1.encoder.proj])
         # V->L keys/values of L_{k+1}: the merged and fused tokens of vision stage k (width 2^(k+1) E).
         for k in (2, 3, 4):
             self.add_module(f"lang_stage{k}", LanguageStage(bert_cfgs[k - 1], bert_cfgs[k - 1].num_hidden_layers,
                                                             vision_dim=e * 2 ** (k - 1)))
+            self.backbone.layers[k - 2].attach_language(getattr(self, f"lang_stage{k}"))
         dec = config.get("decoder", {})
         self.classifier = SimpleDecoding(int(dec.get("c4_dims", 8 * e)), int(dec.get("factor", 2)))
         align = config.get("alignment", {})
@@ -452,17 +473,12 @@ class CrossVLT(SegmentationModel):
         else:
             self.register_buffer("temp", torch.ones(4), persistent=False)
         self.alignment_weights = tuple(float(w) for w in align.get("weights", ALIGNMENT_LOSS_WEIGHTS))
-        self.set_grad_ckpt(config.get("grad_ckpt", False))
 
     @property
     def checkpoint_ignored_keys(self) -> tuple[str, ...]:
         """Keys of original checkpoints that this model deliberately does not hold: the reference's
         training files carry ``temp`` (never optimised, always ones); a loader should drop them."""
         return () if isinstance(self.temp, nn.Parameter) else ("temp",)
-
-    @property
-    def language_stages(self) -> list[nn.Module]:
-        return [self.lang_stage1, self.lang_stage2, self.lang_stage3, self.lang_stage4]
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, image: torch.Tensor, text: torch.Tensor, l_mask: torch.Tensor, t_mask: torch.Tensor | None = None,
@@ -472,19 +488,13 @@ class CrossVLT(SegmentationModel):
         words, ext_mask = self.lang_stage1(text, l_mask)
         if feats is not None:
             feats["lang_stage1.sequence_output"] = words
-        maps, sims = [], []
-        x, H, W = image, 0, 0
-        for i, stage in enumerate(self.backbone):
-            if i > 0:  # L_{i+1}: the words attend to the previous vision stage's merged tokens
-                words = self.language_stages[i](words, ext_mask, x)
-                if feats is not None:
-                    feats[f"lang_stage{i + 1}.sequence_output"] = words
-            res = stage(x, H, W, words, l_mask, feats, need_proj=align)
-            maps.append(res.out)
-            if align:  # vision stage i's pre-fusion tokens vs language stage i's [CLS]
-                cls = self.language_stages[i].cls_embedding(words)
-                sims.append(similarity_map(res.x_proj, cls, res.H, res.W))
-            x, H, W = res.x_next, res.H_next, res.W_next
+        state = {"words": words, "l_mask": l_mask, "ext_mask": ext_mask}
+        if align:  # each vision stage i compares its pre-fusion tokens with language stage i's [CLS]
+            state["cls"] = self.lang_stage1.cls_embedding(words)
+        maps, state = self.backbone.forward_with_text(image, state, feats)
+        sims = [state[f"similarity{i}"] for i in range(4)] if align else []
+        if feats is not None:
+            _reference_feature_names(feats, maps)
         y = self.classifier(maps[3], maps[2], maps[1], maps[0])
         if feats is not None:
             feats["classifier.output"] = y
@@ -510,7 +520,7 @@ class CrossVLT(SegmentationModel):
     def dead_parameter_names(self) -> list[str]:
         """Parameters that get no gradient in a training forward (``target`` given): the gate of
         the last stage, whose trunk update is computed by the reference and then discarded."""
-        return [f"backbone.3.layers.linear1.{n}" for n, _ in self.backbone[3].layers.linear1.named_parameters()]
+        return [f"backbone.3.layers.linear1.{n}" for n, _ in self.backbone.layers[3].linear1.named_parameters()]
 
     def not_optimized_parameter_names(self) -> list[str]:
         """Parameters the reference leaves out of its optimiser: the BERT embeddings of L1 (they
@@ -524,7 +534,7 @@ class CrossVLT(SegmentationModel):
         return self.dead_parameter_names() + self.not_optimized_parameter_names()
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """The reference's AdamW groups (crossvlt.md §8), trainable parameters only:
+        """The reference's AdamW groups, trainable parameters only:
         backbone names containing norm / absolute_pos_embed / relative_position_bias_table (no
         decay), other backbone (Swin + fusion + gates + alignment projections), decoder,
         ``lang_stage1.encoder`` (its BERT layers + proj), ``lang_stage2``, ``lang_stage3``,
@@ -558,25 +568,23 @@ class CrossVLT(SegmentationModel):
         return [g for g in groups if g["params"]]
 
     def set_grad_ckpt(self, flag: bool) -> None:
-        for stage in self.backbone:
-            stage.layers.grad_ckpt = bool(flag)
+        self.backbone.set_grad_ckpt(flag)
 
     def set_fast_paths(self, flag: bool) -> None:
-        for m in self.backbone.modules():
-            if isinstance(m, WindowAttention):
-                m.fused = bool(flag)
+        """SDPA window attention on / off (the backbone's only fast path)."""
+        self.backbone.set_fast_paths(flag)
 
     # -- pretrained weights ------------------------------------------------------------------
     def load_pretrained_swin(self, path: str | Path) -> list[str]:
-        """Official Swin ImageNet weights (crossvlt.md §3.4): ``patch_embed.*`` -> ``backbone.0``,
+        """Official Swin ImageNet weights: ``patch_embed.*`` -> ``backbone.0``,
         ``layers.{i}.*`` -> ``backbone.{i}.layers.*``; head, final norm and attn masks dropped.
         Goes through `lib.checkpoint.load_swin_pretrained` on a view with the Swin key layout;
         returns the loaded keys in this model's names."""
         from lib.checkpoint import load_swin_pretrained
 
         view = nn.Module()
-        view.patch_embed = self.backbone[0].patch_embed
-        view.layers = nn.ModuleList(stage.layers for stage in self.backbone)
+        view.patch_embed = self.backbone.patch_embed
+        view.layers = nn.ModuleList(self.backbone.layers)
         loaded = []
         for key in load_swin_pretrained(view, path).loaded:  # back to this model's key names
             if key.startswith("patch_embed."):
@@ -588,8 +596,8 @@ class CrossVLT(SegmentationModel):
 
     def load_pretrained_bert(self, folder: str | Path) -> list[str]:
         """Copy a local Hugging Face BERT (e.g. bert-base-uncased) into L1: embeddings and the first
-        ``n1`` encoder layers (crossvlt.md §2.1: selected explicitly, pooler and later layers
-        unused). With ``init_lang_from_bert`` in the config, L2-L4's self-attention layers are also
+        ``n1`` encoder layers (selected explicitly; the pooler and later layers are
+        unused, as in the reference). With ``init_lang_from_bert`` in the config, L2-L4's self-attention layers are also
         initialised from the following BERT layers (an experiment; the reference keeps them random).
         Returns the loaded key names (``lang_stage*``)."""
         from transformers import BertModel
@@ -624,7 +632,7 @@ class CrossVLT(SegmentationModel):
 # Config and spec
 # ============================================================================================
 def _configure(cfg: dict, options: dict) -> None:
-    """Language stages of 6 + 1 + 1 + 1 BERT layers sharing one BERT config (paper section 3.1)."""
+    """Language stages of 6 + 1 + 1 + 1 BERT layers sharing one BERT config (the released code's split)."""
     layers = [int(n) for n in options.get("bert_layers_per_stage", (6, 1, 1, 1))]
     if len(layers) != 4 or min(layers) < 0:
         raise ValueError(f"bert_layers_per_stage needs 4 non-negative layer counts, got {layers}")

@@ -223,7 +223,7 @@ def test_model_config_and_build():
                        bert={"hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 64,
                              "vocab_size": 100, "max_position_embeddings": 32})
     assert json.loads(json.dumps(cfg)) == cfg
-    assert cfg["bert_layers_per_stage"] == [6, 1, 1, 1]  # crossvlt.md §2.1: 6 + 1 + 1 + 1
+    assert cfg["bert_layers_per_stage"] == [6, 1, 1, 1]  # 6 + 1 + 1 + 1, the reference code's split
     assert cfg["alignment"]["learnable_temperature"] is False
     model = build_model(cfg)
     keys = model.state_dict().keys()
@@ -252,6 +252,66 @@ def test_parameter_groups_follow_the_reference():
     assert "backbone.0.norm0.weight" in no_decay and "backbone.1.layers.blocks.0.attn.relative_position_bias_table" in no_decay
     assert [names[id(groups[k]["params"][0])].split(".")[0] for k in range(2, 7)] == \
         ["classifier", "lang_stage1", "lang_stage2", "lang_stage3", "lang_stage4"]
+
+
+# --------------------------------------------------------------------------------------------
+# One backbone: CrossVLT's vision stages are ordinary MultiModalSwin stages
+# --------------------------------------------------------------------------------------------
+def test_vision_side_is_the_shared_multimodal_swin():
+    """No forked stage loop: the shared forward runs the stages; parameter names are the original
+    state_dict keys; the language stage run after PatchMerging is linked, not owned (a deep copy
+    links the copy's own stage)."""
+    import copy
+
+    from lib.crossvlt import CrossAwareLayer
+    from lib.swin import MultiModalStage, MultiModalSwin
+
+    model = _tiny()
+    bb = model.backbone
+    assert isinstance(bb, MultiModalSwin) and type(bb).forward_with_text is MultiModalSwin.forward_with_text
+    assert len(bb.layers) == 4 and all(type(layer) is CrossAwareLayer for layer in bb.layers)
+    assert CrossAwareLayer.forward is MultiModalStage.forward
+    assert bb.patch_embed is bb[0].patch_embed and bb.norm2 is bb[2].norm2 and bb.layers[1] is bb[1].layers
+    params = [n for n, _ in model.named_parameters()]
+    buffers = {n for n, _ in model.named_buffers()}
+    assert [k for k in model.state_dict() if k not in buffers] == params
+    assert not any(k.startswith("backbone.") and "lang_stage" in k for k in model.state_dict())
+    twin = copy.deepcopy(model)
+    for i in range(3):
+        (lang,) = twin.backbone.layers[i]._next_language
+        assert lang is getattr(twin, f"lang_stage{i + 2}") and lang is not getattr(model, f"lang_stage{i + 2}")
+
+
+def test_language_stage_attends_to_the_merged_and_fused_tokens():
+    """L_{i+2} (run in vision stage i's after-merge hook) = lang_stage(words of L_{i+1}, text mask,
+    the gated merged tokens that vision stage i hands to stage i+1)."""
+    model = _tiny().eval()
+    img, ids, mask, _ = _inputs()
+    with torch.no_grad():
+        _, feats = model(img, ids, mask, return_features=True)
+        ext_mask = (1.0 - mask[:, None, None, :].float()) * -10000.0
+        for k in (2, 3, 4):
+            want = getattr(model, f"lang_stage{k}")(feats[f"lang_stage{k - 1}.sequence_output"], ext_mask,
+                                                    feats[f"backbone.{k - 2}.x_next"])
+            assert torch.allclose(feats[f"lang_stage{k}.sequence_output"], want, atol=1e-5), k
+    assert feats["backbone.1.x_next"].shape == (2, 5 * 6, 64)  # merged to (9+1)/2 x (11+1)/2, width 2C
+    assert "backbone.layers.0.x_residual" not in feats and "backbone.patch_embed" not in feats
+
+
+def test_grad_ckpt_gives_the_same_training_step():
+    img, ids, mask, target = _inputs()
+    grads = []
+    for flag in (False, True):
+        model = _tiny().train()
+        model.set_grad_ckpt(flag)
+        assert all(layer.grad_ckpt is flag for layer in model.backbone.layers)
+        torch.manual_seed(4)  # the same drop-path / dropout draws
+        logits, aux = model(img, ids, mask, target=target)
+        (F.cross_entropy(logits, target) + aux).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], rtol=1e-4, atol=1e-5), n
 
 
 # --------------------------------------------------------------------------------------------
