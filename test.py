@@ -11,10 +11,10 @@ Checkpoints are ours (the model config is stored inside) or an original implemen
 the flags it was trained with (``--window12``, ``--num_tmem``, ``--swin_type``). Loading is strict:
 a wrong flag gives a key report instead of silently random weights.
 
-Metrics (data-train-eval.md §d): argmax at the evaluation size against the resized ground truth,
-overall IoU = ΣI/ΣU, mean IoU with IoU = 0 for an empty union, precision@0.5…0.9, plus per-category
-IoU for REFER datasets. By default every sentence of every ref is evaluated; ``--eval_protocol
-one-per-ref`` evaluates one seeded random sentence per ref (the FIANet protocol).
+Metrics (as the reference ``test.py`` of LAVT, RMSIN and FIANet): argmax at the evaluation size
+against the resized ground truth, overall IoU = ΣI/ΣU, mean IoU with IoU = 0 for an empty union,
+precision@0.5…0.9, plus per-category IoU for REFER datasets. By default every sentence of every
+ref is evaluated; ``--eval_protocol one-per-ref`` evaluates one seeded random sentence per ref (the FIANet protocol).
 """
 from __future__ import annotations
 

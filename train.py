@@ -3,7 +3,7 @@
     python train.py --model fianet --dataset rrsisd ...                 # one process
     torchrun --nproc_per_node 4 train.py --model fianet ...             # DDP (gloo on CPU, NCCL on GPU)
 
-The loop follows the references (data-train-eval.md §c): AdamW with the reference parameter groups,
+The loop follows the reference implementations: AdamW with the reference parameter groups,
 a poly(0.9) schedule stepped every iteration, the reference loss of each model, validation after every
 epoch and best-checkpoint selection on overall IoU (strictly greater). Differences that do not change
 the maths: no per-step ``gc.collect`` / ``empty_cache`` / ``synchronize``; parameters the reference
@@ -75,7 +75,7 @@ def freeze_untrained_parameters(model: nn.Module, bert_pretrained: bool = True) 
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The reference AdamW groups (data-train-eval.md §c.2), trainable parameters only:
+    """The reference AdamW groups (identical in LAVT, RMSIN and FIANet), trainable parameters only:
     backbone norms / bias tables without decay, other backbone, decoder, BERT layers 0..9."""
     if hasattr(model, "parameter_groups"):
         return model.parameter_groups(weight_decay)

@@ -1,6 +1,6 @@
 """Shared utilities: evaluation metrics, distributed helpers, seeding and logging.
 
-Metrics follow the reference ``test.py`` exactly (data-train-eval.md §d):
+Metrics follow the reference ``test.py`` of LAVT, RMSIN and FIANet exactly:
 
 * per (ref, sentence) pair, on the evaluation grid: ``I = |pred ∧ gt|``, ``U = |pred ∨ gt|``,
   ``iou = I / U`` and ``iou = 0`` when ``U == 0``;

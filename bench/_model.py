@@ -1,6 +1,6 @@
 """Model-level measurements: eval forward, one training step, forward FLOPs.
 
-Protocol (fixtures/README.md, "CPU speed of the original FIANet"): inputs drawn with
+Protocol (the one the CPU timings of the original FIANet were measured with): inputs drawn with
 ``torch.manual_seed(0)`` after construction (token ids uniform in [1000, vocab), ``l_mask`` all
 ones, ``t_mask`` ones at tokens 1-2, ``p_mask`` ones at tokens 3-6, a uniform {0, 1} target);
 ``--passes`` passes (default 4), the first ``--warmup`` (1) are warm-up, median / min / max of

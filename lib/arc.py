@@ -1,4 +1,5 @@
-"""Adaptive rotated convolution (ARC), the oriented-aware conv of RMSIN's decoder (rmsin.md §4).
+"""Adaptive rotated convolution (ARC), the oriented-aware conv of RMSIN's decoder
+(Liu et al., CVPR 2024).
 
 For every sample b a small routing network predicts, per kernel k (``kernel_number`` of them), a
 gate ``alpha[b, k]`` in (0, 1) and an angle ``theta[b, k]`` in (-40deg, 40deg). The sample's 3x3
@@ -28,8 +29,8 @@ from lib.layers import trunc_normal_
 __all__ = ["RountingFunction", "AdaptiveRotatedConv2d", "rotation_matrix", "rotate_kernels"]
 
 # Non-zero entries of the 9x9 matrix R(theta), row p -> ((q, term), ...), for theta >= 0 and
-# theta < 0 (rmsin.md §4.3). Terms use x = cos(theta), y = sin(theta), a = x - y, b = x * y,
-# c = x + y. Row 4 (the kernel centre) never moves.
+# theta < 0, as the RMSIN reference implementation tabulates them. Terms use x = cos(theta),
+# y = sin(theta), a = x - y, b = x * y, c = x + y. Row 4 (the kernel centre) never moves.
 _ROWS_POSITIVE = (
     ((0, "a"), (1, "1-a")),
     ((1, "x-b"), (2, "b"), (4, "1-c+b"), (5, "y-b")),

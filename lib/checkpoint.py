@@ -7,7 +7,8 @@
   ``module.`` prefixes, pooler keys dropped.
 * `load_model_state` — STRICT by default; on mismatch raises `CheckpointMismatchError` with a
   readable report. ``strict=False`` loads what matches and prints the report.
-* `load_swin_pretrained` — official Swin ImageNet checkpoints into the backbone (lavt.md §8).
+* `load_swin_pretrained` — official Swin ImageNet checkpoints into the backbone (with the key
+  handling of LAVT's reference loader).
 * `save_checkpoint` (atomic); `read_checkpoint_file_or_folder` (a file, or an exported safetensors folder).
 """
 from __future__ import annotations
@@ -322,7 +323,7 @@ def _resize_bias_table(table: torch.Tensor, target: torch.Tensor, key: str, rep:
 
 
 def load_swin_pretrained(backbone: nn.Module, path: str | os.PathLike) -> LoadReport:
-    """Load an official Swin classification checkpoint into a `MultiModalSwin` (lavt.md §8).
+    """Load an official Swin classification checkpoint into a `MultiModalSwin`.
 
     Non-strict by design: fusion modules, stage norms and model additions keep their init;
     ``head.*``, the classifier's final ``norm.*``, ``attn_mask`` buffers and (on a window change)

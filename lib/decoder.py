@@ -1,4 +1,5 @@
-"""`SimpleDecoding`: the LAVT family's top-down convolutional decoder (lavt.md §6).
+"""`SimpleDecoding`: the LAVT family's top-down convolutional decoder
+(Yang et al., LAVT, CVPR 2022).
 
 Three fusion steps, deepest first; each upsamples the running map to the next skip map
 (bilinear, align_corners=True), concatenates ``[upsampled, skip]`` and applies

@@ -1,5 +1,5 @@
 """FIANet: fine-grained image-text alignment for referring remote-sensing segmentation
-(Lei et al., IEEE TGRS 2024), fianet.md. LAVT plus:
+(Lei et al., IEEE TGRS 2024). LAVT plus:
 
     ids + {l_mask, t_mask, p_mask} --BERT (x3, same ids)--> l (sentence), t (ground object), p (position)
     Swin stage i -> x_i -> FIAM:

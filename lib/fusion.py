@@ -1,10 +1,10 @@
 """Language-to-vision fusion blocks shared by the LAVT family.
 
-* `SpatialImageLanguageAttention` — every pixel attends over the words (lavt.md §4.1). Also the
-  attention inside FIANet's OPAB and TMEM blocks.
+* `SpatialImageLanguageAttention` — every pixel attends over the words (LAVT's PWAM; Yang et al.,
+  CVPR 2022). Also the attention inside FIANet's OPAB and TMEM blocks.
 * `PWAM` — pixel-word attention module: projected visual feature x attended language feature.
 * `tanh_gate` — the language gate (re-exported from `lib.layers`).
-* `OPAB` — FIANet's object/position alignment block (fianet.md §3.1).
+* `OPAB` — FIANet's object/position alignment block (Lei et al., IEEE TGRS 2024).
 
 Shapes: visual tokens ``x (B, L, C_v)``, language ``l (B, C_l, N)`` (channels first),
 word mask ``l_mask (B, N, 1)`` (0/1, integer or float).

@@ -1,4 +1,4 @@
-"""LAVT: Language-Aware Vision Transformer (Yang et al., CVPR 2022), lavt.md.
+"""LAVT: Language-Aware Vision Transformer (Yang et al., CVPR 2022).
 
     ids, l_mask --BERT--> l (B, 768, N)
     image --Swin stage i--> x_i --PWAM(x_i, l)--> r_i --+--> norm_i(r_i) ---------> decoder --> logits

@@ -46,7 +46,8 @@ def h_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def init_backbone_weights(module: nn.Module) -> None:
-    """The reference backbone init rule (lavt.md §2.3), applied to every sub-module.
+    """The LAVT reference implementation's backbone init rule (Yang et al., CVPR 2022), applied to
+    every sub-module.
 
     ``nn.Linear``: weight trunc-normal(std 0.02, cut at +-2 absolute), bias 0; ``nn.LayerNorm``:
     weight 1, bias 0. Convolutions, BatchNorm and InstanceNorm keep PyTorch's defaults.

@@ -1,4 +1,5 @@
-"""Pyramid neck shared by FIANet's TMEM and RMSIN's CIM (fianet.md §5, rmsin.md §3).
+"""Pyramid neck shared by FIANet's TMEM and RMSIN's CIM (Lei et al., IEEE TGRS
+2024; Liu et al., CVPR 2024).
 
     maps (4 scales) -> adaptive-avg-pool each to the LAST map's size -> concat (sum C_s)
       -> down_channel (1x1, sum C_s -> sum C_s / 4) -> blocks -> bn -> up_channel (1x1)

@@ -1,4 +1,4 @@
-"""RMSIN: Rotated Multi-Scale Interaction Network (Liu et al., CVPR 2024), rmsin.md. LAVT plus:
+"""RMSIN: Rotated Multi-Scale Interaction Network (Liu et al., CVPR 2024). LAVT plus:
 
     ids, l_mask --BERT--> l (B, 768, N)
     Swin stage i -> x_i:
@@ -26,7 +26,7 @@ doubles at the configured size, and to the skip map's size otherwise; with align
 two give identical numbers whenever the size doubles.
 
 Not ported: the original's ``lib/sa`` package (CuPy CUDA kernels of SAN's aggregation /
-subtraction ops, rmsin.md §6). Nothing in RMSIN imports it, so the model is plain PyTorch.
+subtraction ops). Nothing in RMSIN imports it, so the model is plain PyTorch.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# IIM: intra-scale interaction (rmsin.md §2)
+# IIM: intra-scale interaction
 # --------------------------------------------------------------------------------------------
 def _conv_bn(kernel: int) -> nn.Sequential:
     """1-channel ``conv`` (no bias) + ``bn``."""
@@ -155,7 +155,7 @@ class RMSINStage(LAVTStage):
 
 
 # --------------------------------------------------------------------------------------------
-# CIM: cross-scale interaction (rmsin.md §3)
+# CIM: cross-scale interaction
 # --------------------------------------------------------------------------------------------
 class Residual(nn.Module):
     """``x + m(x)`` (the ``.m.`` in the original's keys)."""
@@ -330,7 +330,7 @@ class RMSINBackbone(MultiModalSwin):
 
 
 # --------------------------------------------------------------------------------------------
-# ARC decoder (rmsin.md §4)
+# ARC decoder (adaptive rotated convolution)
 # --------------------------------------------------------------------------------------------
 def build_arc_decoder(c4_dims: int, factor: int, grids: Sequence[Grid], kernel_number: int = 1) -> SimpleDecoding:
     """`SimpleDecoding` with adaptive rotated convs as ``conv2_4``, ``conv2_3``, ``conv2_2``.

@@ -14,10 +14,10 @@ adding its own modules under the originals' attribute names (LAVT: ``fusion``/``
 FIANet: ``fc1``/``fc2``/``context_pixel_attn``/...). ``text`` is a dict of language tensors
 (``l`` (B, C_l, N), ``l_mask`` (B, N, 1), ``t``, ``t_mask``, ``p``, ``p_mask`` ...).
 
-Numerics follow lavt.md §3 exactly (mmseg-style Swin): zero padding to window multiples AFTER
-``norm1`` (bottom/right), no mask in non-shifted windows (padded tokens are ordinary keys), a -100
-shift mask built for every stage even when the map is smaller than the window, q scaled before
-``q @ k^T``, stochastic depth ``linspace(0, rate, sum(depths))``. Key names equal the originals'
+Numerics follow the LAVT reference implementation exactly (mmseg-style Swin): zero padding to
+window multiples AFTER ``norm1`` (bottom/right), no mask in non-shifted windows (padded tokens are
+ordinary keys), a -100 shift mask built for every stage even when the map is smaller than the
+window, q scaled before ``q @ k^T``, stochastic depth ``linspace(0, rate, sum(depths))``. Key names equal the originals'
 (``patch_embed.*``, ``layers.i.blocks.j.attn.relative_position_index``, ``layers.i.downsample.*``,
 ``norm{i}.*``).
 
@@ -212,7 +212,7 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """One (shifted-)window transformer block on tokens ``(B, H*W, C)`` (lavt.md §3.4)."""
+    """One (shifted-)window transformer block on tokens ``(B, H*W, C)`` (Liu et al., Swin, ICCV 2021)."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None,

@@ -119,7 +119,7 @@ def focal_penalty(p: torch.Tensor, power: float = 3.0, offset: float = 0.01) -> 
 # Stage-2 modules
 # --------------------------------------------------------------------------------------------
 class PixelAttention(nn.Module):
-    """LAVT-style pixel-word attention (Yang et al., CVPR 2022, §3) as TRIS uses it, no padding mask.
+    """LAVT-style pixel-word attention (Yang et al., CVPR 2022) as TRIS uses it, no padding mask.
 
     ``(vis (B, Ci, H, W), words (B, Ct, T)) -> (B, Ci, H, W)``: keys / values Conv1d Ct -> Ci of
     the words, query = IN(1x1(vis)); ``G = softmax_T(q k / sqrt(Ci)) v``; output
@@ -292,7 +292,7 @@ class TRISStage1(_TRISBase):
         return outputs["relu_map"] if isinstance(outputs, Mapping) else outputs
 
     def loss(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{'loss_cls': w * multilabel_soft_margin(cls, I_B)}`` (paper §3.1; w = 5), float32."""
+        """``{'loss_cls': w * multilabel_soft_margin(cls, I_B)}`` (reference stage-1 loss, w = 5), float32."""
         if not isinstance(outputs, Mapping) or "cls" not in outputs:
             raise ValueError("TRIS stage-1 loss needs the training-mode outputs (call model.train() first)")
         with torch.autocast(device_type=outputs["cls"].device.type, enabled=False):

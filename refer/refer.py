@@ -8,7 +8,7 @@ Layout read (``data_root`` is ``--refer_data_root``)::
     <data_root>/images/mscoco/images/train2014/ images of the RefCOCO family
 
 Behaviour that decides what a dataset contains follows the reference REFER API
-(spec data-train-eval.md §a.1): refs keep their pickle order; ``train``/``val`` select by
+(as the LAVT family uses it): refs keep their pickle order; ``train``/``val`` select by
 equality, ``test`` every split containing "test", ``testA``/``testB``/``testC`` by their last
 letter; ``getMask`` sums the decoded parts of a segmentation (overlaps sum to 2+).
 Fixed relative to the reference: a bare RLE dict and uncompressed RLE (``counts`` as a list)
