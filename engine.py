@@ -379,14 +379,14 @@ def cli_main(fn: Callable[[], int | None]) -> None:
     """Run an entry point: user errors become one line on stderr and exit code 2."""
     import sys
 
-    from data.datasets import DatasetError
+    from data.datasets import DatasetError, DatasetFileNotFoundError
 
     try:
         code = fn()
     except (UserError, utils.DeviceUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except DatasetError as e:
+    except (DatasetError, DatasetFileNotFoundError) as e:
         print(f"error: {_worker_error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:

@@ -71,7 +71,7 @@ def setting_config(model: str, setting: str, opts: Options) -> tuple[dict[str, A
         size, tokens = 480, spec.text.context_length or spec.recipe("*").max_tokens
         cfg = model_config(model, swin_type="base", window_size=12, bert="bert-base-uncased", img_size=size, **extra)
     else:
-        size, tokens = 96, 12
+        size, tokens = 96, spec.text.context_length or 12
         cfg = tiny_model_config(model, img_size=size, **extra)  # RMSIN derives its CIM grid from img_size
     cfg["channels_last"] = {"auto": "auto", "on": True, "off": False}[opts.channels_last]
     return cfg, size, tokens
@@ -150,11 +150,26 @@ def prepare_torch(opts: Options):
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of ``fn()`` by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and
     attention; element-wise ops are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
 
-    with FlopCounterMode(display=False) as counter:
+    # FlopCounterMode's formulas without its per-module tracker: the tracker hooks module inputs
+    # that require grad and fails on parameter views passed between modules under no_grad.
+    class _Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            packet = func._overloadpacket
+            if packet in flop_registry:
+                _Count.total += int(flop_registry[packet](*args, **kwargs, out_val=out))
+            return out
+
+    _Count.total = 0
+    with _Count():
         fn()
-    return int(counter.get_total_flops())
+    return _Count.total
 
 
 def utilisation(flops_per_image: float | None, images_per_s: float | None, peak_tflops: float) -> float | None:

@@ -27,8 +27,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (BenchError, Options, base_record, check_model_options, count_flops, peak_memory, prepare_torch,
-                     setting_config, summarise, synchronizer, utilisation)
+from _common import (
+    BenchError,
+    Options,
+    base_record,
+    check_model_options,
+    count_flops,
+    peak_memory,
+    prepare_torch,
+    setting_config,
+    summarise,
+    synchronizer,
+    utilisation,
+)
 from _model import children_params
 
 SOURCE_SIZE = {"paper": 256, "tiny": 64}  # pixels of the generated scenes (resized to the setting's size)

@@ -20,8 +20,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from _common import (Options, base_record, check_model_options, count_flops, peak_memory, prepare_torch,
-                     setting_config, summarise, synchronizer, utilisation)
+from _common import (
+    Options,
+    base_record,
+    check_model_options,
+    count_flops,
+    peak_memory,
+    prepare_torch,
+    setting_config,
+    summarise,
+    synchronizer,
+    utilisation,
+)
 
 INPUT_KEYS = ("image", "text", "l_mask", "t_mask", "p_mask")  # the inputs drawn; a model takes its spec's ``inputs``
 

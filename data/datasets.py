@@ -15,7 +15,7 @@ Every item is a plain dict (batches with torch's ``default_collate``)::
     category  str                 class name (REFER) or '' (RefSegRS)
     index     int                 item index
 
-Which sentence an item uses (spec data-train-eval.md §b.4):
+Which sentence an item uses (as the reference loaders of LAVT, RMSIN and FIANet):
 
 * ``mode='train'``: one item per ref, a random sentence per access (``np.random``); empty or
   whitespace-only sentences are skipped (one warning with their count; a ref left without any
@@ -57,8 +57,7 @@ from PIL import Image
 from refer.refer import IMAGE_DIRS, REFER, ReferError
 
 from .tokenizer import check_tokenizer_folder
-from .transforms import (IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, black_box, choose_black_box_refs,
-                         load_rgb)
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, black_box, choose_black_box_refs, load_rgb
 from .word_masks import DATASET_CLASSES, TextFeatures, build_text_features, default_cache_dirs
 
 __all__ = ["DatasetError", "DatasetFileNotFoundError", "Sample", "ReferDataset", "RRSISDDataset",
@@ -69,7 +68,7 @@ DATASET_NAMES = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog")
 REFER_DATASETS = ("rrsisd", "refcoco", "refcoco+", "refcocog")
 # splitBy values each REFER dataset is distributed with (used for a hint when the file is missing).
 SPLIT_BY = {"rrsisd": ("unc",), "refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
-# Reference token lengths: FIANet uses 22 on RRSIS-D, 20 elsewhere (spec §b.3); LAVT 20 on RefCOCO.
+# Reference token lengths: FIANet uses 22 on RRSIS-D, 20 elsewhere; LAVT 20 on RefCOCO.
 DEFAULT_MAX_TOKENS = {"rrsisd": 22, "refsegrs": 20, "refcoco": 20, "refcoco+": 20, "refcocog": 20}
 REFSEGRS_SPLITS = ("train", "val", "test")
 MODES = ("train", "eval")
@@ -185,7 +184,7 @@ class _GroundingDataset(torch.utils.data.Dataset):
             image = self._augment(sample, self._image(sample))
         except (DatasetError, DatasetFileNotFoundError) as e:  # name the ref / line too (one line)
             where = f"ref {sample.ref_id}" if sample.ref_id >= 0 else f"line {sample.line}"
-            raise DatasetError(f"{e} ({where}, sentence {sample.sent_index})") from None
+            raise type(e)(f"{e} ({where}, sentence {sample.sent_index})") from None
         image_t, target_t = self.transform(image, self.original_mask(row))
         item = {"image": image_t, "target": target_t}
         for key, table in self._text.items():

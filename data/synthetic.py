@@ -56,7 +56,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 # ---------------------------------------------------------------------------------------------
-# Class lists (the real datasets' names; data-train-eval.md §b.5)
+# Class lists (the real datasets' names, as FIANet's word masks use them)
 # ---------------------------------------------------------------------------------------------
 
 RRSISD_CLASSES: tuple[str, ...] = (

@@ -12,7 +12,7 @@ BERT:
 
 The tokenizer is always loaded with ``BertTokenizer.from_pretrained(folder)``: with
 transformers 5.x, ``BertTokenizer(vocab_file=...)`` silently ignores the file and maps every
-word to ``[UNK]`` (spec data-quirks.md, "Tokeniser trap").
+word to ``[UNK]`` (measured; the ids then silently differ from the references').
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image / target transforms of the reference loaders (spec data-train-eval.md §b.1–b.2).
+"""Image / target transforms of the reference loaders (LAVT, RMSIN, FIANet: PIL resize, no augmentation).
 
 Train, validation and test all use the same steps:
 

@@ -1,6 +1,6 @@
 """FIANet word masks and the cached per-sentence text features.
 
-For one sentence with ``N = max_tokens`` positions (spec data-train-eval.md §b.5–b.7):
+For one sentence with ``N = max_tokens`` positions (FIANet, Lei et al., IEEE TGRS 2024, as its released code computes them):
 
 * ``t_mask`` (ground-object mask, ``(N,)`` 0/1): for every class name of the dataset that occurs
   in the raw sentence (case-sensitive *substring*: "street" contains "tree"), mark ``n`` positions
@@ -59,7 +59,7 @@ __all__ = [
     "default_cache_dirs", "POS_TAGGER_ENV", "POS_TAGGERS", "resolve_pos_tagger",
 ]
 
-# The 20 DIOR classes used for RRSIS-D (spec §b.5).
+# The 20 DIOR classes used for RRSIS-D.
 RRSISD_CLASSES = (
     "airplane", "airport", "golf field", "expressway service area", "baseball field", "stadium",
     "ground track field", "storage tank", "basketball court", "chimney", "tennis court", "overpass",

@@ -52,7 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertEmbeddings, BertIntermediate, BertLayer, BertOutput, BertSelfOutput
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertIntermediate,
+    BertLayer,
+    BertOutput,
+    BertSelfOutput,
+)
 
 from bert.text_encoder import MASK_VALUE, bert_config_dict
 from lib.decoder import SimpleDecoding

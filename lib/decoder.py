@@ -19,12 +19,11 @@ on CPU it measured no faster (BENCHMARKS.md, "Models"); ``True`` / ``False`` for
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 # Devices on which ``channels_last='auto'`` takes the channels-last path.
 CHANNELS_LAST_AUTO_DEVICES: frozenset[str] = frozenset({"cuda"})
@@ -108,9 +107,3 @@ class SimpleDecoding(nn.Module):
         x = self._step(x, x_c1, 2, channels_last)
         x = self.conv1_1(x)
         return x.contiguous() if channels_last else x
-
-
-def decode(classifier: SimpleDecoding, maps: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-    """Run the decoder on the 4 stage maps and upsample to ``size`` (bilinear, align_corners=True)."""
-    x = classifier(maps[3], maps[2], maps[1], maps[0])
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)

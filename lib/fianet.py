@@ -21,11 +21,18 @@ import torch
 from torch import nn
 
 from lib.fusion import OPAB, PWAM, SpatialImageLanguageAttention, tanh_gate
-from lib.lavt import (SWIN_FAMILY_PRETRAINED_MISSING, TINY_OPTIONS, LAVTOne, family_builder,
-                      family_config_from_fixture, fusion_stage_kwargs, swin_kwargs)
+from lib.lavt import (
+    SWIN_FAMILY_PRETRAINED_MISSING,
+    TINY_OPTIONS,
+    LAVTOne,
+    family_builder,
+    family_config_from_fixture,
+    fusion_stage_kwargs,
+    swin_kwargs,
+)
 from lib.losses import ce_dice_loss_terms
-from lib.spec import ModelSpec, Recipe, TextSide
 from lib.multiscale import PyramidNeck
+from lib.spec import ModelSpec, Recipe, TextSide
 from lib.swin import MultiModalStage, MultiModalSwin
 
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.layers import DropPath, trunc_normal_  # exact equivalents of what the originals import
+from torch import nn
 
 __all__ = ["DropPath", "trunc_normal_", "Mlp", "tanh_gate", "init_backbone_weights", "h_sigmoid"]
 

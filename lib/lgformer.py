@@ -302,7 +302,7 @@ class DeformableTextEncoder(nn.Module):
                              f"got {txt.shape[1]} tokens (the token count is fixed by the model config)")
         ref = level_reference_points(spatial_shapes, src.device, src.dtype)  # (1, S, 2)
         ref = ref[:, :, None].expand(src.shape[0], -1, len(spatial_shapes), -1)  # same point on every level
-        key_pos = self.key_embed.weight[None]
+        key_pos = self.key_embed.weight[None].expand(txt.shape[0], -1, -1)  # (B, N, C), one per sample
         key_mask = ~txt_mask.squeeze(-1).bool()
         out = src
         for k, (layer, cross) in enumerate(zip(self.layers, self.cross_attn_layers)):

@@ -39,12 +39,20 @@ from torch import nn
 
 from lib.arc import AdaptiveRotatedConv2d
 from lib.decoder import SimpleDecoding
-from lib.lavt import (SWIN_FAMILY_PRETRAINED_MISSING, TINY_OPTIONS, LAVTOne, LAVTStage, family_builder,
-                      family_config_from_fixture, fusion_stage_kwargs, swin_kwargs)
-from lib.losses import ce_dice_loss_terms
-from lib.spec import ModelSpec, Recipe
+from lib.lavt import (
+    SWIN_FAMILY_PRETRAINED_MISSING,
+    TINY_OPTIONS,
+    LAVTOne,
+    LAVTStage,
+    family_builder,
+    family_config_from_fixture,
+    fusion_stage_kwargs,
+    swin_kwargs,
+)
 from lib.layers import tanh_gate
+from lib.losses import ce_dice_loss_terms
 from lib.multiscale import PyramidNeck
+from lib.spec import ModelSpec, Recipe
 from lib.swin import MultiModalStage, MultiModalSwin
 
 Grid = tuple[int, int]

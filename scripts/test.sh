@@ -27,6 +27,8 @@ XDIST=()
 # worksteal: an idle worker takes queued tests from a busy one, so the few long end-to-end tests do
 # not leave one core idle at the end (measured 181 s vs 216 s for the default scheduling).
 if [ "$WORKERS" != "0" ]; then XDIST=(-n "$WORKERS" --dist worksteal); fi
+# Lint first (ruff, configured in pyproject.toml): seconds, and a failure stops the run.
+python -m ruff check "$ROOT" || { echo "[test] error: ruff found problems (python -m ruff check --fix fixes most)" >&2; exit 1; }
 set +e
 python -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=15 tests "$@"
 rc=$?

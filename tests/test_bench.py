@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from lib.registry import available_models
 
 BENCH = ROOT / "bench"

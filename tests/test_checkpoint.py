@@ -10,9 +10,17 @@ import torch
 import torch.nn.functional as F
 
 import lib.checkpoint as ckpt_mod
-from lib.checkpoint import (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, extract_state_dict,
-                            load_model_state, load_swin_pretrained, safe_torch_load,
-                            save_checkpoint, split_lavt_checkpoint)
+from lib.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    extract_state_dict,
+    load_model_state,
+    load_swin_pretrained,
+    safe_torch_load,
+    save_checkpoint,
+    split_lavt_checkpoint,
+)
 from lib.registry import build_model, tiny_model_config
 
 

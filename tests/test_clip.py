@@ -13,8 +13,15 @@ from torch import nn
 
 import data.clip_tokenizer as ct
 from lib.checkpoint import CheckpointError
-from lib.clip import (CLIP, causal_mask, clip_config, clip_config_from_state_dict, is_torchscript_archive,
-                      load_clip_state_dict, load_clip_weights)
+from lib.clip import (
+    CLIP,
+    causal_mask,
+    clip_config,
+    clip_config_from_state_dict,
+    is_torchscript_archive,
+    load_clip_state_dict,
+    load_clip_weights,
+)
 
 # Writing a tiny TorchScript archive with torch.jit.trace warns about traced shape checks and jit's deprecation.
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_datasets import RRSISD_REFS, all_sentences, write_refsegrs, write_rrsisd, write_vocab
 
 from data import check
-from test_datasets import RRSISD_REFS, all_sentences, write_refsegrs, write_rrsisd, write_vocab
 
 pytestmark = pytest.mark.usefixtures("nltk_data_dir")
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_datasets import RRSISD_REFS, all_sentences, write_refsegrs, write_rrsisd, write_vocab
 
 from data import check
 from data.datasets import DatasetError, RefSegRSDataset, RRSISDDataset
 from data.transforms import HIGH_DEPTH_MODES, image_to_tensor, is_high_depth, load_rgb, to_rgb
-from test_datasets import RRSISD_REFS, all_sentences, write_refsegrs, write_rrsisd, write_vocab
 
 pytestmark = pytest.mark.usefixtures("nltk_data_dir")
 

@@ -15,8 +15,14 @@ from torchvision.transforms import functional as TF
 
 from data import datasets as ds_mod
 from data import word_masks
-from data.datasets import (DatasetError, DatasetFileNotFoundError, RefSegRSDataset, RRSISDDataset,
-                           build_dataset, read_refsegrs_mask)
+from data.datasets import (
+    DatasetError,
+    DatasetFileNotFoundError,
+    RefSegRSDataset,
+    RRSISDDataset,
+    build_dataset,
+    read_refsegrs_mask,
+)
 from data.tokenizer import TokenizerFolderError
 from data.transforms import black_box, choose_black_box_refs
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -224,9 +223,8 @@ def test_bad_inputs_give_one_clear_line(case, trained, synth, tmp_path):
 
 def test_torchrun_two_cpu_processes(synth, tmp_path):
     out = tmp_path / "ddp"
-    proc = run("train.py", "--model", "fianet", *data_args(synth), *TINY, "--epochs", "1", "-b", "2",
-               "--max_steps", "3", "--output-dir", str(out),
-               launcher=torchrun(2))
+    run("train.py", "--model", "fianet", *data_args(synth), *TINY, "--epochs", "1", "-b", "2",
+        "--max_steps", "3", "--output-dir", str(out), launcher=torchrun(2))
     ck = load(out / "checkpoint_last.pth")
     assert ck["epoch"] == 0 and ck["iteration"] == 3
     assert "val_oIoU" in json.loads((out / "log.jsonl").read_text().splitlines()[0])

@@ -7,7 +7,6 @@ import resource
 
 import pytest
 import torch
-
 from test_entrypoints import TINY, data_args, run, synth  # noqa: F401  (session fixture)
 
 

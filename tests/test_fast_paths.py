@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from test_entrypoints import TINY, data_args, load, run, synth, torchrun  # noqa: F401  (synth: the session fixture)
 
 from lib.decoder import SimpleDecoding
 from lib.registry import build_model, tiny_model_config
-from test_entrypoints import TINY, data_args, load, run, synth, torchrun  # noqa: F401  (synth: the session fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

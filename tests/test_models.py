@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from lib.losses import ce_dice_loss, dice_loss, weighted_cross_entropy
-from lib.registry import model_spec
-from lib.registry import (SWIN_TYPES, UnknownModelError, available_models, build_model, model_config,
-                          tiny_model_config)
+from lib.registry import (
+    SWIN_TYPES,
+    UnknownModelError,
+    available_models,
+    build_model,
+    model_config,
+    model_spec,
+    tiny_model_config,
+)
 
 VOCAB = 128
 

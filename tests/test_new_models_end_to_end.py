@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_entrypoints import TINY, data_args, run, synth  # noqa: F401  (session fixture)
 
 from lib import registry
 from lib.checkpoint import save_checkpoint
-from test_entrypoints import TINY, data_args, run, synth  # noqa: F401  (session fixture)
 
 
 @pytest.fixture(scope="module")

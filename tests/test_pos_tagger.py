@@ -14,11 +14,11 @@ import sys
 
 import numpy as np
 import pytest
+from test_word_masks import ATT, REFSEGRS_CASES, RRSISD_CASES, ones, positions, write_vocab
 
 from data import synthetic as syn
 from data import word_masks as wm
 from data.pos_tagger import BuiltinTagger
-from test_word_masks import ATT, REFSEGRS_CASES, RRSISD_CASES, ones, positions, write_vocab
 
 # pycocotools' decode warns about numpy 2's copy keyword on every call (synthetic data); not our code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

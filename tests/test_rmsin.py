@@ -1,7 +1,6 @@
 """RMSIN (lib/rmsin.py, lib/arc.py): reference fixture, sizes, gradients, rotated convolution."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest

@@ -6,8 +6,17 @@ import itertools
 import pytest
 import torch
 
-from lib.swin import (PatchEmbed, PatchMerging, SwinBlock, WindowAttention, relative_position_index,
-                      run_swin_blocks, shifted_window_mask, window_partition, window_reverse)
+from lib.swin import (
+    PatchEmbed,
+    PatchMerging,
+    SwinBlock,
+    WindowAttention,
+    relative_position_index,
+    run_swin_blocks,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
 
 
 def test_relative_position_index_by_hand():
