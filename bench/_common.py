@@ -65,10 +65,11 @@ def setting_config(model: str, setting: str, opts: Options) -> tuple[dict[str, A
     if opts.reference_ops:
         extra["batched_text"] = False
     if setting == "paper":
-        # The paper setting: Swin-B, 480 px, the RRSIS-D recipe's model options (FIANet: 3 TMEM
-        # blocks), the model's usual sentence length (CrossVLT 21, else 20).
+        # The paper setting: Swin-B (TRIS: CLIP RN50), the model's input size (480 px; TRIS 320),
+        # the RRSIS-D recipe's model options (FIANet: 3 TMEM blocks), the model's usual sentence
+        # length (CrossVLT 21, else 20).
         extra.update(spec.recipe("rrsisd").options)
-        size, tokens = 480, spec.text.context_length or spec.recipe("*").max_tokens
+        size, tokens = spec.default_img_size, spec.text.context_length or spec.recipe("*").max_tokens
         cfg = model_config(model, swin_type="base", window_size=12, bert="bert-base-uncased", img_size=size, **extra)
     else:
         size, tokens = 96, spec.text.context_length or 12

@@ -41,7 +41,7 @@ def make_inputs(cfg: dict, batch: int, size: int, tokens: int, device) -> tuple[
     import torch
 
     torch.manual_seed(0)
-    vocab = cfg["bert"]["vocab_size"]
+    vocab = (cfg.get("bert") or cfg.get("clip") or {}).get("vocab_size", 100)  # the language side's vocabulary
     ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch, tokens))
     l_mask = torch.ones(batch, tokens, dtype=torch.long)
     t_mask = torch.zeros_like(l_mask)

@@ -18,7 +18,6 @@ reference op order, which also keeps the decoder in the plain layout) and ``chan
 """
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any, Callable, Mapping
 
@@ -31,7 +30,7 @@ from lib.decoder import ChannelsLast, SimpleDecoding, check_channels_last
 from lib.fusion import PWAM, tanh_gate
 from lib.losses import weighted_cross_entropy
 from lib.spec import ModelSpec, Recipe, SegmentationModel
-from lib.swin import SWIN_DEFAULTS, SWIN_TYPES, MultiModalStage, MultiModalSwin
+from lib.swin import SWIN_DEFAULTS, SWIN_TYPES, MultiModalStage, MultiModalSwin, SwinConfig
 
 
 class LAVTStage(MultiModalStage):
@@ -54,17 +53,10 @@ class LAVTStage(MultiModalStage):
         return r, x + self.res_gate(r) * r
 
 
-def swin_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    """Backbone keyword arguments from our model config."""
-    s = config["swin"]
-    return dict(
-        embed_dim=s["embed_dim"], depths=s["depths"], num_heads=s["num_heads"], window_size=s["window_size"],
-        mlp_ratio=s.get("mlp_ratio", 4.0), qkv_bias=s.get("qkv_bias", True), qk_scale=s.get("qk_scale"),
-        drop_rate=s.get("drop_rate", 0.0), attn_drop_rate=s.get("attn_drop_rate", 0.0),
-        drop_path_rate=s.get("drop_path_rate", 0.3), patch_size=s.get("patch_size", 4),
-        in_chans=s.get("in_chans", 3), patch_norm=s.get("patch_norm", True),
-        fused_attn=config.get("fused_attn", True), grad_ckpt=config.get("grad_ckpt", False),
-    )
+def swin_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Backbone keyword arguments from our model config (its `SwinConfig` plus the fast-path switches)."""
+    return dict(SwinConfig.from_dict(config["swin"]).backbone_kwargs(),
+                fused_attn=config.get("fused_attn", True), grad_ckpt=config.get("grad_ckpt", False))
 
 
 def fusion_stage_kwargs(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -212,15 +204,14 @@ def family_config(name: str, *, swin_type: str = "base", window_size: int | None
     ``configure(cfg, options)`` adds the model's own entries; ``extras`` names the keyword
     options it reads besides `FAMILY_OPTIONS`; other keywords are ignored.
     """
-    if swin_type not in SWIN_TYPES:
-        raise ValueError(f"--swin_type must be one of {', '.join(SWIN_TYPES)}, got {swin_type!r}")
-    swin = {**copy.deepcopy(SWIN_TYPES[swin_type]), **SWIN_DEFAULTS}
+    swin = SwinConfig.named(swin_type).to_dict()
     for key, value in (swin_overrides or {}).items():
-        if key not in swin and key != "window_size":
+        if key not in swin:
             raise ValueError(f"unknown Swin override {key!r}; valid: {', '.join(sorted(swin))}")
         swin[key] = list(value) if isinstance(value, tuple) else value
     if window_size is None:
-        window_size = swin.get("window_size") or (12 if "window12" in str(pretrained_swin) else 7)
+        explicit = (swin_overrides or {}).get("window_size")
+        window_size = explicit or (12 if "window12" in str(pretrained_swin) else 7)
     swin["window_size"] = int(window_size)
     n = len(swin["depths"])
     if n != 4 or len(swin["num_heads"]) != 4:

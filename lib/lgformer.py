@@ -36,7 +36,7 @@ from lib.deformable import (
     sine_position_encoding,
 )
 from lib.fusion import instance_norm_tokens, pointwise, tanh_gate
-from lib.lavt import TINY_OPTIONS, family_builder
+from lib.lavt import TINY_OPTIONS, family_builder, swin_kwargs
 from lib.spec import ModelSpec, Recipe, TextSide
 from lib.swin import SWIN_DEFAULTS, MultiModalStage, MultiModalSwin
 
@@ -476,18 +476,6 @@ class LGFormerDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-def _swin_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    s = config["swin"]
-    return dict(
-        embed_dim=s["embed_dim"], depths=s["depths"], num_heads=s["num_heads"], window_size=s["window_size"],
-        mlp_ratio=s.get("mlp_ratio", 4.0), qkv_bias=s.get("qkv_bias", True), qk_scale=s.get("qk_scale"),
-        drop_rate=s.get("drop_rate", 0.0), attn_drop_rate=s.get("attn_drop_rate", 0.0),
-        drop_path_rate=s.get("drop_path_rate", 0.3), patch_size=s.get("patch_size", 4),
-        in_chans=s.get("in_chans", 3), patch_norm=s.get("patch_norm", True),
-        fused_attn=config.get("fused_attn", True), grad_ckpt=config.get("grad_ckpt", False),
-    )
-
-
 class LGFormer(nn.Module):
     """LGFormer with BERT inside (``text_encoder``), the VLBA Swin (``backbone``) and the decoder
     (``classifier``).
@@ -504,7 +492,7 @@ class LGFormer(nn.Module):
         l_in = int(config["l_in"])
         f = config["fusion"]
         stage_kwargs = [dict(num_heads_fusion=h, fusion_drop=f.get("dropout", 0.0), l_in=l_in) for h in f["num_heads"]]
-        self.backbone = MultiModalSwin(LGFormerStage, stage_kwargs, **_swin_kwargs(config))
+        self.backbone = MultiModalSwin(LGFormerStage, stage_kwargs, **swin_kwargs(config))
         self.backbone.init_weights()  # overwrites the gates' zero init too, as in the reference
         e = config["swin"]["embed_dim"]
         self.classifier = LGFormerDecoder([e * 2 ** i for i in range(4)], text_dim=l_in, text_len=int(config["text_len"]),

@@ -29,7 +29,9 @@ non-fused "math" fallback there, so CPU training keeps the plain sequence.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,18 +40,61 @@ from torch.utils.checkpoint import checkpoint
 
 from lib.layers import DropPath, Mlp, init_backbone_weights, trunc_normal_
 
-# Swin sizes by name (Liu et al., ICCV 2021, Table 1 / section 3.3) and the fixed builder
-# hyper-parameters of the LAVT family (Yang et al., CVPR 2022, section 4.1).
+# Swin sizes by name (Liu et al., ICCV 2021, Table 1 / section 3.3).
 SWIN_TYPES: dict[str, dict[str, Any]] = {
     "tiny": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24]},
     "small": {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24]},
     "base": {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32]},
     "large": {"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48]},
 }
-SWIN_DEFAULTS: dict[str, Any] = {
-    "mlp_ratio": 4.0, "qkv_bias": True, "qk_scale": None, "drop_rate": 0.0, "attn_drop_rate": 0.0,
-    "drop_path_rate": 0.3, "patch_size": 4, "in_chans": 3, "patch_norm": True,
-}
+
+
+@dataclass
+class SwinConfig:
+    """The ``swin`` entry of a model config, every default held here once (the LAVT family's
+    builder: Swin-B sizes, window 7, drop-path 0.3). ``to_dict`` is the JSON layout stored in
+    checkpoints; ``from_dict`` reads it back (missing keys take the defaults, unknown keys are an
+    error), so older checkpoints keep loading."""
+
+    embed_dim: int = 128
+    depths: list[int] = field(default_factory=lambda: [2, 2, 18, 2])
+    num_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.3
+    patch_size: int = 4
+    in_chans: int = 3
+    patch_norm: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SwinConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names - {"ape"}  # 'ape' (absolute position embedding) is refused by the builders
+        if unknown:
+            raise ValueError(f"unknown Swin option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(names))}")
+        return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k in names})
+
+    @classmethod
+    def named(cls, swin_type: str) -> "SwinConfig":
+        if swin_type not in SWIN_TYPES:
+            raise ValueError(f"--swin_type must be one of {', '.join(SWIN_TYPES)}, got {swin_type!r}")
+        return cls(**copy.deepcopy(SWIN_TYPES[swin_type]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `MultiModalSwin` (fast-path switches excluded)."""
+        return asdict(self)
+
+
+# The fixed builder hyper-parameters (everything but the sizes), derived from `SwinConfig`.
+SWIN_DEFAULTS: dict[str, Any] = {k: v for k, v in asdict(SwinConfig()).items()
+                                 if k not in ("embed_dim", "depths", "num_heads", "window_size")}
 
 
 # --------------------------------------------------------------------------------------------

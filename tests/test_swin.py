@@ -168,3 +168,21 @@ def test_autocast_bf16_runs():
         out = run_swin_blocks(blocks, x, 7, 7)
     assert torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_swin_config_holds_the_defaults_once_and_reads_old_layouts():
+    from lib.swin import SWIN_DEFAULTS, SwinConfig
+
+    base = SwinConfig.named("base")
+    assert base.to_dict() == {**SWIN_TYPES_BASE, "window_size": 7, **SWIN_DEFAULTS}
+    assert SwinConfig.from_dict(base.to_dict()) == base  # the stored JSON layout round-trips
+    old = {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": [1, 2, 4, 8], "window_size": 7}  # older, shorter
+    cfg = SwinConfig.from_dict(old)
+    assert cfg.drop_path_rate == 0.3 and cfg.depths == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="unknown Swin option"):
+        SwinConfig.from_dict({**old, "windw_size": 12})
+    with pytest.raises(ValueError, match="--swin_type"):
+        SwinConfig.named("huge")
+
+
+SWIN_TYPES_BASE = {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32]}
