@@ -17,15 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import cpu_model  # noqa: E402
 
 from lib.deformable import (  # noqa: E402
     MSDeformAttn,
@@ -39,16 +40,6 @@ SETTINGS = {
     "paper": [(15, 15), (30, 30), (60, 60)],
     "fixture": [(4, 5), (7, 9), (13, 17)],
 }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _time(fn, repeat: int, device: torch.device) -> list[float]:
@@ -116,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = (ms_deform_attn_core(value, shapes, loc, weights) - ms_deform_attn_naive(value, shapes, loc, weights)).abs().max().item()
     outside = ((loc < 0) | (loc > 1)).any(-1).float().mean().item()
     common = {"setting": args.setting, "levels": shapes, "queries": s, "batch": b, "heads": heads, "points": points,
-              "backward": args.backward, "device": str(device), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+              "backward": args.backward, "device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
               "max_abs_diff_core_vs_naive": diff, "samples_off_map": round(outside, 4)}
     for name, fn in cases.items():

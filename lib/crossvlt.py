@@ -63,7 +63,7 @@ from transformers.models.bert.modeling_bert import (
 from bert.text_encoder import MASK_VALUE, bert_config_dict
 from lib.decoder import SimpleDecoding
 from lib.lavt import TINY_OPTIONS, family_builder, swin_kwargs
-from lib.layers import init_backbone_weights, tanh_gate
+from lib.layers import backbone_decay_split, init_backbone_weights, tanh_gate
 from lib.losses import weighted_cross_entropy
 from lib.spec import ModelSpec, Recipe, SegmentationModel
 from lib.swin import SWIN_DEFAULTS, MultiModalStage, MultiModalSwin
@@ -548,14 +548,7 @@ class CrossVLT(SegmentationModel):
         With ``alignment.learnable_temperature`` (not the reference), ``temp`` forms an extra group
         without decay."""
         skip = set(self.not_optimized_parameter_names())
-        no_decay, backbone = [], []
-        for name, p in self.backbone.named_parameters():
-            if not p.requires_grad or f"backbone.{name}" in skip:
-                continue
-            if any(k in name for k in ("norm", "absolute_pos_embed", "relative_position_bias_table")):
-                no_decay.append(p)
-            else:
-                backbone.append(p)
+        no_decay, backbone = backbone_decay_split(self.backbone, skip)
 
         def trainable(prefix: str, module: nn.Module) -> list[nn.Parameter]:
             return [p for n, p in module.named_parameters() if p.requires_grad and f"{prefix}.{n}" not in skip]

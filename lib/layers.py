@@ -62,3 +62,19 @@ def init_backbone_weights(module: nn.Module) -> None:
                 nn.init.ones_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+NO_DECAY_KEYS = ("norm", "absolute_pos_embed", "relative_position_bias_table")
+
+
+def backbone_decay_split(backbone: nn.Module, skip: set[str] = frozenset(), prefix: str = "backbone.",
+                         ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The LAVT family's backbone parameter groups: ``(no_decay, decay)`` where names containing
+    ``norm`` / ``absolute_pos_embed`` / ``relative_position_bias_table`` get no weight decay;
+    frozen parameters and the full names in ``skip`` are left out."""
+    no_decay, decay = [], []
+    for name, p in backbone.named_parameters():
+        if not p.requires_grad or prefix + name in skip:
+            continue
+        (no_decay if any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
+    return no_decay, decay

@@ -37,6 +37,7 @@ from lib.deformable import (
 )
 from lib.fusion import instance_norm_tokens, pointwise, tanh_gate
 from lib.lavt import TINY_OPTIONS, family_builder, swin_kwargs
+from lib.layers import backbone_decay_split
 from lib.spec import ModelSpec, Recipe, TextSide
 from lib.swin import SWIN_DEFAULTS, MultiModalStage, MultiModalSwin
 
@@ -564,14 +565,7 @@ class LGFormer(nn.Module):
         absolute_pos_embed / relative_position_bias_table (no decay), the rest of the backbone,
         the decoder, and every BERT encoder layer (embeddings excluded)."""
         skip = set(self.unused_parameter_names())
-        no_decay, backbone = [], []
-        for name, p in self.backbone.named_parameters():
-            if not p.requires_grad or f"backbone.{name}" in skip:
-                continue
-            if any(k in name for k in ("norm", "absolute_pos_embed", "relative_position_bias_table")):
-                no_decay.append(p)
-            else:
-                backbone.append(p)
+        no_decay, backbone = backbone_decay_split(self.backbone, skip)
         groups = [
             {"params": no_decay, "weight_decay": 0.0},
             {"params": backbone, "weight_decay": weight_decay},
