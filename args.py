@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-DATASETS = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog")
+DATASETS = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog", "refclef")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="rrsisd", help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--refer_data_root", default="./refer/data/", help="dataset root folder")
     g.add_argument("--splitBy", default=None,
-                   help="REFER split file refs(<splitBy>).p: unc (default; refcocog: umd), umd or google")
+                   help="REFER split file refs(<splitBy>).p: unc (default; refcocog: umd), umd, google or berkeley (refclef)")
     g.add_argument("--split", default="test",
                    help="split(s) evaluated by test.py: a name, a comma list (val,test) or 'all' (every split but train)")
     g.add_argument("--max_tokens", default=None, type=int,

@@ -1,4 +1,4 @@
-"""Referring-segmentation datasets: RRSIS-D, the RefCOCO family (REFER layout) and RefSegRS.
+"""Referring-segmentation datasets: RRSIS-D, the RefCOCO family, ReferIt (REFER layout) and RefSegRS.
 
 Every item is a plain dict (batches with torch's ``default_collate``)::
 
@@ -40,6 +40,11 @@ Datasets (``build_dataset`` names):
   ``<root>/images/mscoco/images/train2014/`` (greyscale files are converted to RGB); 20 tokens
   (LAVT); splits ``train``, ``val``, ``test`` (every split containing "test"), ``testA``,
   ``testB`` (``testC``); no black boxes; FIANet's class lists do not cover them (``t_mask`` zeros).
+* ``refclef`` (ReferIt, Kazemzadeh et al., EMNLP 2014; splitBy ``unc`` or ``berkeley``):
+  ``<root>/refclef/refs(<splitBy>).p`` and ``instances.json``, SAIAPR TC-12 images under
+  ``<root>/images/saiapr_tc-12/`` (``file_name`` ``<nn>/images/<id>.jpg``); masks are RLE, decoded
+  by the REFER API like every other segmentation; 20 tokens; splits ``train``, ``val``, ``test``;
+  every sentence of every ref is evaluated; no black boxes, no FIANet class list (``t_mask`` zeros).
 * ``refsegrs``: ``images/<id>.tif``, ``masks/<id>.tif``, ``output_phrase_<split>.txt``; 20 tokens.
 """
 from __future__ import annotations
@@ -64,12 +69,13 @@ __all__ = ["DatasetError", "DatasetFileNotFoundError", "Sample", "ReferDataset",
            "RefSegRSDataset", "build_dataset", "DATASET_NAMES", "REFER_DATASETS", "DEFAULT_MAX_TOKENS",
            "REFSEGRS_SPLITS", "SPLIT_BY"]
 
-DATASET_NAMES = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog")
-REFER_DATASETS = ("rrsisd", "refcoco", "refcoco+", "refcocog")
+DATASET_NAMES = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog", "refclef")
+REFER_DATASETS = ("rrsisd", "refcoco", "refcoco+", "refcocog", "refclef")
 # splitBy values each REFER dataset is distributed with (used for a hint when the file is missing).
-SPLIT_BY = {"rrsisd": ("unc",), "refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
+SPLIT_BY = {"rrsisd": ("unc",), "refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google"),
+            "refclef": ("unc", "berkeley")}
 # Reference token lengths: FIANet uses 22 on RRSIS-D, 20 elsewhere; LAVT 20 on RefCOCO.
-DEFAULT_MAX_TOKENS = {"rrsisd": 22, "refsegrs": 20, "refcoco": 20, "refcoco+": 20, "refcocog": 20}
+DEFAULT_MAX_TOKENS = {"rrsisd": 22, "refsegrs": 20, "refcoco": 20, "refcoco+": 20, "refcocog": 20, "refclef": 20}
 REFSEGRS_SPLITS = ("train", "val", "test")
 MODES = ("train", "eval")
 EVAL_PROTOCOLS = ("all", "one-per-ref")
@@ -226,7 +232,7 @@ def _cache_dirs(root: Path, cache_dir: str | Path | None) -> list[Path]:
 
 
 class ReferDataset(_GroundingDataset):
-    """A REFER-layout dataset: ``rrsisd``, ``refcoco``, ``refcoco+`` or ``refcocog``.
+    """A REFER-layout dataset: ``rrsisd``, ``refcoco``, ``refcoco+``, ``refcocog`` or ``refclef``.
 
     Target = pixels where the summed segmentation equals 1 (overlapping parts become holes,
     as in the reference). For ``rrsisd`` the train split in train mode blacks out random

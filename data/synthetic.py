@@ -1,6 +1,6 @@
-"""Synthetic, language-dependent stand-ins for RRSIS-D, RefSegRS and RefCOCO (no download needed).
+"""Synthetic, language-dependent stand-ins for RRSIS-D, RefSegRS, RefCOCO and ReferIt (no download needed).
 
-``python -m data.synthetic --out DIR [--layouts rrsisd,refsegrs,refcoco]`` (or :func:`generate`)
+``python -m data.synthetic --out DIR [--layouts rrsisd,refsegrs,refcoco,refclef]`` (or :func:`generate`)
 writes these folders (all layouts by default):
 
 * ``DIR/rrsisd/``   the RRSIS-D / REFER layout: ``rrsisd/refs(unc).p`` (a pickled list of plain
@@ -16,6 +16,11 @@ writes these folders (all layouts by default):
   per ref; splits train/val/testA/testB (unc), train/val/test (umd), train/val (google);
   RefCOCO+ sentences use no location words.  Use ``--refer_data_root DIR/refcoco --dataset
   refcoco`` (or ``refcoco+``, or ``refcocog --splitBy umd``).
+* ``DIR/refclef/``  ReferIt (RefCLEF) in the REFER layout: ``refclef/refs(unc).p``,
+  ``refclef/refs(berkeley).p`` and ``refclef/instances.json`` with every mask stored as RLE; JPEGs
+  under ``images/saiapr_tc-12/<nn>/images/<id>.jpg`` as in SAIAPR TC-12; splits train/val/test;
+  short article-less expressions, some refs with two.  Use ``--refer_data_root DIR/refclef
+  --dataset refclef`` (``--splitBy unc`` or ``berkeley``).
 * ``DIR/bert/``     a tiny BERT folder (``config.json``, ``vocab.txt``, ``tokenizer_config.json``)
   whose vocabulary covers every caption; models build BERT from the config with random weights.
 
@@ -149,6 +154,20 @@ COCO_STYLES: dict[str, ClassStyle] = {
     "bench": ClassStyle("bars", ("brown", "grey")),
     "laptop": ClassStyle("rect", ("grey", "black")),
     "airplane": ClassStyle("plane", ("white", "grey")),
+}
+
+# ReferIt-style classes (names from the SAIAPR TC-12 vocabulary) for the synthetic refclef layout.
+REFCLEF_STYLES: dict[str, ClassStyle] = {
+    "man": ClassStyle("capsule", ("red", "blue", "green", "yellow", "white")),
+    "tree": ClassStyle("blob", ("dark green", "green")),
+    "rock": ClassStyle("ellipse", ("grey", "brown", "black")),
+    "building": ClassStyle("ell", ("red", "grey", "brown")),
+    "car": ClassStyle("rounded", ("red", "white", "blue", "black")),
+    "boat": ClassStyle("boat", ("white", "red", "blue")),
+    "sign": ClassStyle("triangle", ("yellow", "red", "white")),
+    "window": ClassStyle("rect", ("white", "black", "blue")),
+    "bush": ClassStyle("patch", ("light green", "green")),
+    "cloud": ClassStyle("disc", ("white", "grey")),
 }
 
 # Backgrounds: (base colour, colour of the tracks drawn across it as bands).
@@ -1000,6 +1019,84 @@ def write_refcoco(root: Path, rng: np.random.Generator, counts: dict[str, int], 
     return stats
 
 
+# The synthetic ReferIt (refclef): the unc split file and a berkeley one that partitions the same
+# refs differently (the real berkeley split is another partition of the images).
+REFCLEF_SPLIT_BYS: tuple[str, ...] = ("unc", "berkeley")
+REFCLEF_FIRST_IMAGE_ID = 1000  # SAIAPR ids are numbers; images sit in folder <id // 1000 as 2 digits>
+REFCLEF_ID_STEP = 337          # spreads a small set over several such folders
+REFCLEF_BARE_EVERY = 7         # every 7th annotation stores one bare RLE dict instead of a list of them
+
+
+def refclef_file_name(image_id: int) -> str:
+    """SAIAPR TC-12 image path relative to ``images/saiapr_tc-12``: ``<nn>/images/<id>.jpg``."""
+    return f"{image_id // 1000:02d}/images/{image_id}.jpg"
+
+
+def _referit_style(text: str) -> str:
+    """ReferIt expressions are short and mostly article-less ("man on left"): drop a leading "the "."""
+    return text[4:] if text.startswith("the ") else text
+
+
+def write_refclef(root: Path, rng: np.random.Generator, counts: dict[str, int], size: int,
+                  refs_per_image: int, styles: dict[str, ClassStyle] = REFCLEF_STYLES) -> dict[str, dict[str, int]]:
+    """Write the ReferIt (refclef) REFER layout: ``refclef/refs(unc).p``, ``refclef/refs(berkeley).p``,
+    ``refclef/instances.json`` and JPEGs ``images/saiapr_tc-12/<nn>/images/<id>.jpg``.
+
+    Every segmentation is RLE (as in the real refclef annotations): a list holding one compressed
+    RLE dict, or on every ``REFCLEF_BARE_EVERY``-th annotation the bare dict. About a third of the
+    refs carry a second sentence, so "every sentence of every ref" differs from "one per ref".
+    The berkeley file holds the same refs with the images assigned to splits in reverse order.
+    """
+    image_root = root / "images" / "saiapr_tc-12"
+    ann_dir = root / "refclef"
+    ann_dir.mkdir(parents=True)
+    category_id = {name: i + 1 for i, name in enumerate(REFCLEF_STYLES)}
+    plan = [split for split in SPLITS for _ in range(counts[split])]
+    images, annotations, refs = [], [], []
+    image_ids = []
+    ann_id = sent_id = 0
+    for k, split in enumerate(plan):
+        scene, scene_refs = sample_described_scene(rng, size, styles, refs_per_image, second_sentence_prob=0.3)
+        image_id = REFCLEF_FIRST_IMAGE_ID + REFCLEF_ID_STEP * k
+        image_ids.append(image_id)
+        file_name = refclef_file_name(image_id)
+        (image_root / file_name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.image).save(image_root / file_name, quality=95, subsampling=0)
+        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+        ann_ids = []
+        for obj in scene.objects:
+            ann_id += 1
+            ann_ids.append(ann_id)
+            rle = _encode_rle(obj.mask)
+            annotations.append({"id": ann_id, "image_id": image_id, "category_id": category_id[obj.name],
+                                "segmentation": rle if ann_id % REFCLEF_BARE_EVERY == 0 else [rle],
+                                "area": float(obj.area), "bbox": [float(v) for v in obj.bbox()], "iscrowd": 0})
+        for ref in scene_refs:
+            obj = scene.objects[ref.target]
+            texts = list(dict.fromkeys(_referit_style(t) for t in ref.sentences))
+            sentences = [{"tokens": _word_tokens(t), "raw": t, "sent_id": sent_id + j, "sent": t}
+                         for j, t in enumerate(texts)]
+            sent_id += len(texts)
+            refs.append({"ref_id": len(refs), "ann_id": ann_ids[ref.target], "image_id": image_id,
+                         "category_id": category_id[obj.name], "split": split,
+                         "sent_ids": [s["sent_id"] for s in sentences], "sentences": sentences,
+                         "file_name": f"{image_id}_{ann_ids[ref.target]}.jpg"})
+    instances = {"images": images, "annotations": annotations,
+                 "categories": [{"id": i, "name": n, "supercategory": n} for n, i in category_id.items()]}
+    (ann_dir / "instances.json").write_text(json.dumps(instances))
+    berkeley = dict(zip(image_ids, reversed(plan)))
+    stats = {f"refclef({split_by}) {split}": {"refs": 0, "sentences": 0}
+             for split_by in REFCLEF_SPLIT_BYS for split in SPLITS}
+    for split_by in REFCLEF_SPLIT_BYS:
+        ref_list = refs if split_by == "unc" else [dict(r, split=berkeley[r["image_id"]]) for r in refs]
+        with open(ann_dir / f"refs({split_by}).p", "wb") as f:
+            pickle.dump(ref_list, f, protocol=2)
+        for r in ref_list:
+            stats[f"refclef({split_by}) {r['split']}"]["refs"] += 1
+            stats[f"refclef({split_by}) {r['split']}"]["sentences"] += len(r["sentences"])
+    return stats
+
+
 # No dropout: this BERT starts from random weights and is trained for minutes, not regularised.
 BERT_CONFIG = {
     "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 64,
@@ -1042,6 +1139,8 @@ def _read_captions(paths: dict[str, Path]) -> list[str]:
         ref_files.append(paths["rrsisd"] / "rrsisd" / "refs(unc).p")
     if "refcoco" in paths:
         ref_files += [paths["refcoco"] / name / f"refs({split_by}).p" for name, split_by in REFCOCO_FILES]
+    if "refclef" in paths:
+        ref_files += [paths["refclef"] / "refclef" / f"refs({split_by}).p" for split_by in REFCLEF_SPLIT_BYS]
     captions = []
     for ref_file in ref_files:
         with open(ref_file, "rb") as f:
@@ -1059,11 +1158,11 @@ def _read_captions(paths: dict[str, Path]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 MARKER = "synthetic.json"  # written into DIR; lets a later run replace our own output safely
-LAYOUTS_ALL: tuple[str, ...] = ("rrsisd", "refsegrs", "refcoco")
+LAYOUTS_ALL: tuple[str, ...] = ("rrsisd", "refsegrs", "refcoco", "refclef")  # new layouts go last (seed streams)
 
 
 LAYOUT_STYLES: dict[str, dict[str, ClassStyle]] = {
-    "rrsisd": RRSISD_STYLES, "refsegrs": REFSEGRS_STYLES, "refcoco": COCO_STYLES}
+    "rrsisd": RRSISD_STYLES, "refsegrs": REFSEGRS_STYLES, "refcoco": COCO_STYLES, "refclef": REFCLEF_STYLES}
 MIN_CLASSES = 3  # the richest object-count pattern draws three different classes
 
 
@@ -1099,14 +1198,14 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
              num_val: int | None = None, num_test: int | None = None, refs_per_image: int = 3,
              verbose: bool = False, layouts: Sequence[str] | str = LAYOUTS_ALL,
              classes: Sequence[str] | str | None = None) -> dict[str, Path]:
-    """Write the synthetic RRSIS-D, RefSegRS, RefCOCO-family and tiny-BERT folders under ``out_dir``.
+    """Write the synthetic RRSIS-D, RefSegRS, RefCOCO-family, ReferIt and tiny-BERT folders under ``out_dir``.
 
     ``num_images`` is the number of training images per dataset; validation and test default to
     a sixth and a quarter of it (RefCOCO: at least two test images, split into testA / testB).
     ``classes`` restricts every layout to those of its class names (e.g. a handful of classes for a
-    quick run; at least three per layout).  ``layouts`` selects the datasets (default all three).
+    quick run; at least three per layout).  ``layouts`` selects the datasets (default all four).
     Returns the written folders, e.g.
-    ``{"rrsisd": ..., "refsegrs": ..., "refcoco": ..., "bert": ...}``.
+    ``{"rrsisd": ..., "refsegrs": ..., "refcoco": ..., "refclef": ..., "bert": ...}``.
     """
     if int(image_size) != image_size or image_size < 32:
         raise SyntheticDataError(f"--image_size must be an integer >= 32, got {image_size!r}")
@@ -1138,12 +1237,15 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
     # One stream per layout (spawned children do not depend on how many are spawned), so each
     # layout's files are the same whichever other layouts are written.
     streams = dict(zip(LAYOUTS_ALL, np.random.SeedSequence(int(seed)).spawn(len(LAYOUTS_ALL))))
-    writers = {"rrsisd": write_rrsisd, "refsegrs": write_refsegrs, "refcoco": write_refcoco}
+    writers = {"rrsisd": write_rrsisd, "refsegrs": write_refsegrs, "refcoco": write_refcoco, "refclef": write_refclef}
     stats = {name: writers[name](paths[name], np.random.default_rng(streams[name]), counts, int(image_size),
                                  int(refs_per_image), styles[name]) for name in layouts}
     vocab_size = write_bert(paths["bert"], _read_captions(paths))
     if verbose:
         for name, per_split in stats.items():
+            if name == "refclef":
+                print("; ".join(f"{which} {v['refs']} refs / {v['sentences']} sentences" for which, v in per_split.items()))
+                continue
             if name == "refcoco":
                 for which, refs in per_split.items():
                     print(f"{which}: " + "; ".join(f"{s} {v['refs']} refs / {v['sentences']} sentences"
@@ -1159,6 +1261,8 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
         if "refcoco" in paths:
             print(f"refcoco:  --refer_data_root {paths['refcoco']} --dataset refcoco|refcoco+ "
                   "(--splitBy unc) or refcocog (--splitBy umd|google)")
+        if "refclef" in paths:
+            print(f"refclef:  --refer_data_root {paths['refclef']} --dataset refclef (--splitBy unc|berkeley)")
         print(f"bert:     --bert_tokenizer {paths['bert']} (vocabulary of {vocab_size} tokens)")
     return paths
 

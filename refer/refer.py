@@ -1,4 +1,4 @@
-"""REFER annotation API for REFER-layout datasets (RRSIS-D, RefCOCO, RefCOCO+, RefCOCOg).
+"""REFER annotation API for REFER-layout datasets (RRSIS-D, RefCOCO, RefCOCO+, RefCOCOg, ReferIt).
 
 Layout read (``data_root`` is ``--refer_data_root``)::
 
@@ -6,6 +6,8 @@ Layout read (``data_root`` is ``--refer_data_root``)::
     <data_root>/<dataset>/instances.json        COCO-style images / annotations / categories
     <data_root>/images/rrsisd/JPEGImages/       images of rrsisd
     <data_root>/images/mscoco/images/train2014/ images of the RefCOCO family
+    <data_root>/images/saiapr_tc-12/            images of refclef (ReferIt; the instances'
+                                                ``file_name`` is ``<nn>/images/<id>.jpg``)
 
 Behaviour that decides what a dataset contains follows the reference REFER API
 (as the LAVT family uses it): refs keep their pickle order; ``train``/``val`` select by
@@ -34,6 +36,7 @@ IMAGE_DIRS = {
     "refcoco": Path("images/mscoco/images/train2014"),
     "refcoco+": Path("images/mscoco/images/train2014"),
     "refcocog": Path("images/mscoco/images/train2014"),
+    "refclef": Path("images/saiapr_tc-12"),  # ReferIt (Kazemzadeh et al., EMNLP 2014) on SAIAPR TC-12
 }
 
 SPLIT_NAMES = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")

@@ -95,7 +95,7 @@ def test_counted_warnings(env, capsys):
     (lambda a, e: a.__setitem__(5, "bogus"), "bogus"),
     (lambda a, e: a.__setitem__(7, str(e["tmp"])), "--bert_tokenizer"),
     (lambda a, e: a.__setitem__(5, "val,test") or a.extend(["--export", str(e["tmp"] / "x")]), "exactly one split"),
-    (lambda a, e: a.__setitem__(1, "refclef"), "invalid choice"),
+    (lambda a, e: a.__setitem__(1, "referit"), "invalid choice"),
     (lambda a, e: a.__setitem__(1, "refcoco"), "refcoco/refs(unc).p"),
     (lambda a, e: a.__delitem__(slice(6, 8)), "--bert_tokenizer"),
 ])

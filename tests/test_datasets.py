@@ -329,7 +329,7 @@ def test_build_dataset_factory(env):
                        max_tokens=None)
     assert isinstance(ds, RefSegRSDataset) and ds.max_tokens == 20 and len(ds) == 2
     with pytest.raises(DatasetError) as err:
-        build_dataset("refclef", env["rrsisd"], "test", env["tok"])
+        build_dataset("referit", env["rrsisd"], "test", env["tok"])
     assert "--dataset" in str(err.value) and "rrsisd, refsegrs" in str(err.value)
 
 
