@@ -74,6 +74,8 @@ def bert_folder(path: str, flag: str = "--ck_bert") -> str:
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """The model flags of args.py as `ModelSpec.build_config` options (a builder ignores the ones
     it has no use for)."""
+    # Only a BERT-side model needs the BERT folder (a CLIP model such as TRIS has none).
+    needs_bert = registry.model_spec(args.model).text.tokenizer == "bert"
     return dict(
         swin_type=args.swin_type,
         window_size=window_size_from_args(args),
@@ -82,7 +84,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         mha=args.mha,
         fusion_drop=args.fusion_drop,
         num_tmem=args.num_tmem,
-        bert=bert_folder(args.ck_bert),
+        bert=bert_folder(args.ck_bert) if needs_bert else "",
         swin_overrides=swin_overrides(args),
     )
 

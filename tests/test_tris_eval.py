@@ -171,8 +171,9 @@ def test_clip_weights_errors(tiny_tris_and_clip_files, tmp_path):
 
 
 def test_train_py_reads_clip_weights_flag(tmp_path, synth):  # noqa: F811
+    # no --ck_bert folder: a CLIP model needs none
     proc = run("train.py", "--model", "tris_stage1", "--dataset", "refcoco", "--refer_data_root",
-               str(synth["refcoco"]), "--clip_weights", str(tmp_path / "nope.pt"), "--ck_bert", str(synth["bert"]), "--workers", "0",
+               str(synth["refcoco"]), "--clip_weights", str(tmp_path / "nope.pt"), "--workers", "0",
                "--device", "cpu", "--epochs", "1", "--output-dir", str(tmp_path / "out"),
                "--cache_dir", str(tmp_path / "cache"), check=False)
     assert proc.returncode == 2 and f"--clip_weights {tmp_path / 'nope.pt'}: file not found" in proc.stderr
@@ -227,3 +228,13 @@ def test_tris_specs_ask_for_original_resolution():
     assert registry.model_spec("tris_stage1").eval_at_original_resolution
     assert registry.model_spec("tris_stage2").eval_at_original_resolution
     assert not registry.model_spec("fianet").eval_at_original_resolution
+
+
+def test_clip_model_options_need_no_bert_folder(tmp_path):
+    import args as args_lib
+
+    a = args_lib.get_parser().parse_args(["--model", "tris_stage2", "--ck_bert", str(tmp_path / "none")])
+    assert engine.model_options(a)["bert"] == ""
+    a.model = "fianet"
+    with pytest.raises(engine.UserError, match="no config.json"):
+        engine.model_options(a)
