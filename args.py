@@ -51,6 +51,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="local BERT folder (config.json, optional weights)")
     g.add_argument("--pretrained_swin_weights", default="",
                    help="official Swin checkpoint (its file name decides window 12, as in the original)")
+    g.add_argument("--clip_weights", default="",
+                   help="train.py, CLIP models: local CLIP weights for the backbone (a plain state_dict or an "
+                        "open_clip file; OpenAI's RN50.pt archive needs --allow_torchscript)")
+    g.add_argument("--allow_torchscript", action="store_true",
+                   help="allow --clip_weights to be a TorchScript archive (OpenAI's RN50.pt): it is code, "
+                        "opened with torch.jit.load; use only files you trust")
     g.add_argument("--resume", default="", help="checkpoint to resume (train) or evaluate (test)")
     g.add_argument("--non_strict", action="store_true",
                    help="allow a partial checkpoint load (the missing/unexpected keys are printed)")
@@ -132,6 +138,8 @@ def get_demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_tokens", default=None, type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--heatmap", action="store_true",
+                   help="also write the model's score map (predict_scores) as a JET overlay (*_heatmap.png)")
     return p
 
 

@@ -74,6 +74,8 @@ def bert_folder(path: str, flag: str = "--ck_bert") -> str:
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """The model flags of args.py as `ModelSpec.build_config` options (a builder ignores the ones
     it has no use for)."""
+    # Only a BERT-side model needs the BERT folder (a CLIP model such as TRIS has none).
+    needs_bert = registry.model_spec(args.model).text.tokenizer == "bert"
     return dict(
         swin_type=args.swin_type,
         window_size=window_size_from_args(args),
@@ -82,7 +84,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         mha=args.mha,
         fusion_drop=args.fusion_drop,
         num_tmem=args.num_tmem,
-        bert=bert_folder(args.ck_bert),
+        bert=bert_folder(args.ck_bert) if needs_bert else "",
         swin_overrides=swin_overrides(args),
     )
 
@@ -100,12 +102,27 @@ def spec_of(model: nn.Module) -> ModelSpec:
     return _unwrapped(model).spec
 
 
-def load_pretrained(model: nn.Module, swin_path: str, bert_dir: str, verbose: bool = True) -> list[str]:
-    """ImageNet backbone weights (``--pretrained_swin_weights``) and language weights (a BERT
-    folder with weights) into a freshly built model. With both given, every key left at its random
-    initialisation must be one the model's spec expects to stay missing (else a key report).
-    Returns the loaded keys."""
+def load_pretrained(model: nn.Module, swin_path: str, bert_dir: str, verbose: bool = True, clip_path: str = "",
+                    allow_torchscript: bool = False) -> list[str]:
+    """ImageNet backbone weights (``--pretrained_swin_weights``), language weights (a BERT
+    folder with weights) and CLIP weights (``--clip_weights``, through the model's
+    ``load_pretrained_clip``) into a freshly built model. With Swin and BERT given, or with CLIP
+    weights, every key left at its random initialisation must be one the model's spec expects to
+    stay missing (else a key report). Returns the loaded keys."""
     loaded: list[str] = []
+    if clip_path:
+        hook = getattr(_unwrapped(model), "load_pretrained_clip", None)
+        if not callable(hook):
+            name = getattr(_unwrapped(model), "config", {}).get("model", type(model).__name__)
+            raise UserError(f"--clip_weights {clip_path}: the {name} model has no CLIP backbone to load it into")
+        if not Path(clip_path).is_file():
+            raise UserError(f"--clip_weights {clip_path}: file not found")
+        try:
+            loaded += hook(clip_path, allow_torchscript=allow_torchscript)
+        except ckpt_lib.CheckpointError as e:
+            raise UserError(f"--clip_weights {clip_path}: {str(e).strip().splitlines()[0]}") from None
+        if not swin_path:  # a CLIP model has no other pretrained part: check its coverage now
+            ckpt_lib.check_pretrained_coverage(model, loaded, spec_of(model).unexpected_missing)
     if swin_path:
         if not Path(swin_path).is_file():
             raise UserError(f"--pretrained_swin_weights {swin_path}: file not found")
@@ -329,11 +346,25 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
 
     ``on_batch(batch, pred, iou)`` receives every batch's predictions (B, H, W) and per-sample IoUs,
     e.g. to save masks or overlays.
+
+    When the model's spec sets ``eval_at_original_resolution`` (TRIS, Liu et al., ICCV 2023, Sec. 4),
+    the metrics compare ``predict_mask`` at each image's own size with the ground truth at that size
+    (``loader.dataset.original_mask``), and the summary adds ``Hit`` / ``PointM``: the arg-max of
+    ``predict_scores`` at that size inside the annotated box (else the mask's bounding box) / on the
+    mask. ``on_batch`` is then called once per sample with that sample's slice of the batch, its
+    ``target`` at the original size and its ``image`` resized to it.
     """
     model.eval()
     metrics = utils.SegMetrics(device)
     inner = _unwrapped(model)
-    keys = spec_of(inner).inputs
+    spec = spec_of(inner)
+    keys = spec.inputs
+    points = utils.PointMetrics(device) if spec.eval_at_original_resolution else None
+    if points is not None:
+        for method in ("sample_index", "original_mask"):
+            if not callable(getattr(loader.dataset, method, None)):
+                raise UserError(f"{desc}: the model is evaluated at the original resolution, but the dataset "
+                                f"{type(loader.dataset).__name__} has no {method}()")
     bar = utils.progress(loader, enabled=show_progress and utils.is_main_process(), desc=desc, leave=False)
     for step, batch in enumerate(bar):
         batch = to_device(batch, device)
@@ -342,13 +373,63 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
         if not all_finite(outputs):
             raise UserError(f"{desc}: the model's outputs became NaN / inf at batch {step}; its weights are broken "
                             f"or --amp {amp} overflows (try --amp off); no metrics written")
+        if points is not None:
+            _evaluate_at_original_resolution(inner, outputs, batch, loader.dataset, metrics, points, on_batch)
+            continue
         gt = batch["target"]
         pred = inner.predict_mask(outputs, gt.shape[-2:])  # the model's own rule (argmax, sigmoid > 0.5 ...)
         iou = metrics.update(pred, gt, list(batch.get("category", [])) or None)
         if on_batch is not None:
             on_batch(batch, pred, iou)
     metrics.all_reduce()
-    return metrics.summary()
+    summary = metrics.summary()
+    if points is not None:
+        points.all_reduce()
+        summary.update(points.summary())
+        summary["resolution"] = "original"  # I and U counted at each image's own size
+    return summary
+
+
+def _sample_of(batch: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """Item ``k`` of a collated batch as a batch of one (tensors and lists sliced)."""
+    return {key: v[k:k + 1] if torch.is_tensor(v) or isinstance(v, (list, tuple)) else v for key, v in batch.items()}
+
+
+def _evaluate_at_original_resolution(inner: nn.Module, outputs: Any, batch: Mapping[str, Any], ds: Any,
+                                     metrics: utils.SegMetrics, points: utils.PointMetrics,
+                                     on_batch: OnBatch | None) -> None:
+    """One batch evaluated against the ground truth at each image's own size. The model's rules
+    (``predict_mask`` / ``predict_scores``) run once per distinct size in the batch (they take the
+    whole batch's outputs), and the rows of the samples of that size are kept."""
+    device = batch["target"].device
+    rows = [ds.sample_index(int(i)) for i in batch["index"]]
+    gts = [torch.as_tensor(ds.original_mask(r)).to(device).bool() for r in rows]
+    box_of = getattr(ds, "original_box", None)
+    boxes = [box_of(r) if callable(box_of) else None for r in rows]
+    categories = list(batch.get("category", []))
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for k, gt in enumerate(gts):
+        by_size.setdefault(tuple(gt.shape[-2:]), []).append(k)
+    preds: dict[int, torch.Tensor] = {}
+    ious: dict[int, torch.Tensor] = {}
+    for size, members in by_size.items():
+        sel = torch.tensor(members, device=device)
+        pred = inner.predict_mask(outputs, size).index_select(0, sel)
+        scores = inner.predict_scores(outputs, size).index_select(0, sel).float()
+        iou = metrics.update(pred, torch.stack([gts[k] for k in members]), [categories[k] for k in members] or None)
+        for j, k in enumerate(members):
+            box = utils.coco_box_to_xyxy(boxes[k]) if boxes[k] is not None else utils.mask_box(gts[k])
+            points.update(scores[j], box, gts[k])
+            preds[k], ious[k] = pred[j], iou[j:j + 1]
+    if on_batch is None:
+        return
+    for k, gt in enumerate(gts):
+        sample = _sample_of(batch, k)
+        sample["target"] = gt[None].long()
+        if torch.is_tensor(sample.get("image")):
+            sample["image"] = torch.nn.functional.interpolate(sample["image"].float(), size=tuple(gt.shape),
+                                                              mode="bilinear", align_corners=False)
+        on_batch(sample, preds[k][None], ious[k])
 
 
 DISK_FULL_ERRNOS = {28, 27, 122}  # ENOSPC, EFBIG, EDQUOT

@@ -13,7 +13,10 @@ a wrong flag gives a key report instead of silently random weights.
 
 Metrics (as the reference ``test.py`` of LAVT, RMSIN and FIANet): argmax at the evaluation size
 against the resized ground truth, overall IoU = ΣI/ΣU, mean IoU with IoU = 0 for an empty union,
-precision@0.5…0.9, plus per-category IoU for REFER datasets. By default every sentence of every
+precision@0.5…0.9, plus per-category IoU for REFER datasets. A model whose spec asks for it (TRIS)
+is evaluated as its paper does instead: the prediction upsampled to each image's own size against
+the ground truth at that size, plus Hit (arg-max of the score map in the ground-truth box) and
+PointM (arg-max on the ground-truth mask), in the table and the JSON. By default every sentence of every
 ref is evaluated; ``--eval_protocol one-per-ref`` evaluates one seeded random sentence per ref (the FIANet protocol).
 """
 from __future__ import annotations
@@ -119,6 +122,8 @@ def run(args) -> int:
         if isinstance(size, int):
             args.img_size = size
     engine.resolve_args(args, name)
+    if args.clip_weights and info.is_main:
+        print(f"[test] --clip_weights {args.clip_weights} is not used: the checkpoint holds every weight")
     model = engine.model_from_checkpoint(ckpt, args.resume, args if not stored else None, strict=not args.non_strict)
     del ckpt
     model.to(info.device).eval()
@@ -147,8 +152,9 @@ def run(args) -> int:
         writer.finish()
         expressions = recorder.gather()
         if info.is_main:
+            gt_size = ", ground truth at the original resolution" if summary.get("resolution") == "original" else ""
             title = (f"{name} on {args.dataset} {split} ({args.eval_protocol} protocol, "
-                     f"{args.img_size}x{args.img_size})")
+                     f"{args.img_size}x{args.img_size}{gt_size})")
             print(utils.format_results_table(summary, title))
             records.append(results_lib.build_record(
                 summary, expressions, model=name, dataset=args.dataset, split=split,

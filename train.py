@@ -162,7 +162,8 @@ def build_model(args, info: utils.DistInfo, resume_ckpt: dict[str, Any] | None) 
         config = {**config, "grad_ckpt": True}
     model = registry.build_model(config)
     if resume_ckpt is None:
-        engine.load_pretrained(model, args.pretrained_swin_weights, args.ck_bert, verbose=info.is_main)
+        engine.load_pretrained(model, args.pretrained_swin_weights, args.ck_bert, verbose=info.is_main,
+                               clip_path=args.clip_weights, allow_torchscript=args.allow_torchscript)
         frozen = freeze_untrained_parameters(model, bert_pretrained=ckpt_lib.has_bert_weights(args.ck_bert))
     else:
         ckpt_lib.load_model_state(model, resume_ckpt["model"], strict=True)

@@ -138,7 +138,11 @@ def format_results_table(summary: dict[str, Any], title: str = "") -> str:
     lines = []
     if title:
         lines.append(title)
-    lines += [head, "-" * len(head), vals, f"({summary['num_samples']} samples)"]
+    note = " at the images' original resolution" if summary.get("resolution") == "original" else ""
+    lines += [head, "-" * len(head), vals, f"({summary['num_samples']} samples{note})"]
+    if "PointM" in summary:  # point metrics of the score map's arg-max (TRIS)
+        lines.append(f"Hit (arg-max in the GT box) {100 * summary['Hit']:.2f} | "
+                     f"PointM (arg-max on the GT mask) {100 * summary['PointM']:.2f}")
     per_cat = summary.get("per_category") or {}
     if per_cat:
         width = max(len(n) for n in per_cat)
@@ -396,6 +400,31 @@ def overlay(picture: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] =
     return out.clip(0, 255).astype(np.uint8)
 
 
+# The JET colour map as piecewise-linear (position, value) knots per channel (matplotlib's "jet").
+_JET_KNOTS = (
+    ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+)
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] (clipped) -> (H, W, 3) uint8 RGB of the JET colour map: dark blue
+    at 0, green-yellow in the middle, dark red at 1."""
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0)
+    channels = [np.interp(v, [p for p, _ in knots], [c for _, c in knots]) for knots in _JET_KNOTS]
+    return (np.stack(channels, -1) * 255 + 0.5).astype(np.uint8)
+
+
+def heatmap_overlay(picture: np.ndarray, scores: np.ndarray, image_weight: float = 0.6) -> np.ndarray:
+    """A score map drawn over an (H, W, 3) uint8 picture: ``image_weight * picture + (1 -
+    image_weight) * jet(scores)`` (TRIS's demo blends 0.6 / 0.4)."""
+    if picture.shape[:2] != scores.shape[:2]:
+        raise ValueError(f"picture {picture.shape[:2]} and score map {scores.shape[:2]} differ in size")
+    out = image_weight * picture.astype(np.float32) + (1 - image_weight) * jet(scores).astype(np.float32)
+    return (out + 0.5).clip(0, 255).astype(np.uint8)
+
+
 def side_by_side(*pictures: np.ndarray, gap: int = 4) -> np.ndarray:
     """Concatenate equally tall (H, W, 3) pictures horizontally with a white gap."""
     h = pictures[0].shape[0]
@@ -428,6 +457,17 @@ def resize_to_original(pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     x4 = x.reshape(*lead, *x.shape[-2:])
     out = torch.nn.functional.interpolate(x4, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
     return out.reshape(*x.shape[:-2], *out.shape[-2:])
+
+
+def mask_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """The tight box ``(x1, y1, x2, y2)`` (inclusive pixels) of an (H, W) mask, None when empty:
+    the box of Hit for datasets without annotated boxes."""
+    m = torch.as_tensor(mask).bool()
+    if not bool(m.any()):
+        return None
+    rows = torch.nonzero(m.any(1)).flatten()
+    cols = torch.nonzero(m.any(0)).flatten()
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
 def argmax_point(score: torch.Tensor) -> tuple[int, int]:

@@ -155,6 +155,11 @@ class _GroundingDataset(torch.utils.data.Dataset):
         """Ground truth of ``samples[sample_index]`` at the original resolution: uint8 0/1 ``(h, w)``."""
         raise NotImplementedError
 
+    def original_box(self, sample_index: int) -> list[float] | None:
+        """The annotated COCO box ``[x, y, w, h]`` of ``samples[sample_index]`` in original pixels, or
+        None when the dataset has no boxes (RefSegRS)."""
+        return None
+
     # -- items -----------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._fixed) if self._fixed is not None else len(self.groups)
@@ -316,6 +321,11 @@ class ReferDataset(_GroundingDataset):
         except ReferError as exc:
             raise DatasetError(f"ref {ref['ref_id']}: {exc}") from None
         return (summed == 1).astype(np.uint8)
+
+    def original_box(self, sample_index: int) -> list[float] | None:
+        ann = self.refer.refToAnn.get(self.samples[sample_index].ref_id)
+        box = ann.get("bbox") if ann else None
+        return [float(v) for v in box] if box is not None and len(box) == 4 else None
 
 
 class RRSISDDataset(ReferDataset):

@@ -98,7 +98,9 @@ class ModelSpec:
     expected to stay missing when the ImageNet backbone / language weights are loaded; any other
     missing key is an error. ``output_stride``: how many times smaller the coarsest feature
     map is than the input (the smallest useful tile). ``tiny``: ``build_config`` options of a seconds-on-a-CPU model (tests,
-    quick starts, ``bench --setting tiny``).
+    quick starts, ``bench --setting tiny``). ``eval_at_original_resolution``: test-time metrics compare the
+    prediction upsampled to each image's own size with the ground truth at that size (instead of the
+    ground truth resized to the input), and add the point metrics Hit / PointM of ``predict_scores``.
     """
 
     target: str
@@ -117,6 +119,7 @@ class ModelSpec:
     default_img_size: int = 480
     output_stride: int = 32
     tiny: Mapping[str, Any] = field(default_factory=dict)
+    eval_at_original_resolution: bool = False
 
     def __post_init__(self) -> None:
         for name in ("val_protocol", "test_protocol"):

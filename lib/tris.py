@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.checkpoint import CheckpointMismatchError, LoadReport
+from lib.checkpoint import CheckpointMismatchError
 from lib.clip import CLIP, clip_config, load_clip_weights
 from lib.spec import ModelSpec, Recipe, TextSide
 
@@ -182,10 +182,12 @@ class _TRISBase(nn.Module):
         self.config = config
         self.backbone = CLIP(config["clip"])
 
-    def load_pretrained_clip(self, path: str | os.PathLike, allow_torchscript: bool = False) -> LoadReport:
-        """CLIP weights of a local file into ``backbone`` (strict: every CLIP key and shape).
-        A TorchScript archive (OpenAI's RN50.pt) needs ``allow_torchscript=True`` (it is code)."""
-        return load_clip_weights(self.backbone, path, allow_torchscript=allow_torchscript, strict=True)
+    def load_pretrained_clip(self, path: str | os.PathLike, allow_torchscript: bool = False) -> list[str]:
+        """CLIP weights of a local file into ``backbone`` (strict: every CLIP key and shape); returns
+        the loaded keys as names of this model (``backbone.*``). A TorchScript archive (OpenAI's
+        RN50.pt) needs ``allow_torchscript=True`` (it is code)."""
+        report = load_clip_weights(self.backbone, path, allow_torchscript=allow_torchscript, strict=True)
+        return [f"backbone.{k}" for k in report.loaded]
 
     def check_state_dict(self, state: Mapping[str, Any]) -> None:
         """Refuse, in one line, a checkpoint of the other TRIS stage."""
@@ -541,13 +543,13 @@ SPEC_STAGE1 = ModelSpec(
     config_from_fixture=_stage1_from_fixture, sync_bn=True, val_protocol="all", inputs=("image", "text"),
     train_inputs=("image", "text"), text=_TEXT, default_img_size=DEFAULT_IMG_SIZE,
     pretrained_missing=(r"vis_project\.", r"lan_project\.", r"logit_scale$", r"attn_fusion\."),
-    tiny=_TINY,
+    tiny=_TINY, eval_at_original_resolution=True,  # the paper's protocol: GT at the image's own size
 )
 SPEC_STAGE2 = ModelSpec(
     target="lib.tris:TRISStage2", build_config=_build_stage2, recipes=_RECIPES,
     config_from_fixture=_stage2_from_fixture, sync_bn=True, val_protocol="all", inputs=("image", "text"),
     train_inputs=("image", "text"), text=_TEXT, default_img_size=DEFAULT_IMG_SIZE,
     pretrained_missing=(r"attention[234]\.", r"reduced_c[1-4]\.", r"output[1-4]\.", r"final_seg[1-4]\."),
-    tiny=_TINY,
+    tiny=_TINY, eval_at_original_resolution=True,  # the paper's protocol: GT at the image's own size
 )
 SPEC = SPEC_STAGE1  # the file's default spec (stage 1); the registry names both
