@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from _common import (
+    BenchError,
     Options,
     base_record,
     check_model_options,
@@ -92,6 +93,8 @@ def training_step_fn(model_name: str, model, inputs, target, opts: Options, devi
         def forward_backward():
             engine.training_loss(net, {**batch, **extra}, device, opts.amp)[0].backward()
     else:
+        if not hasattr(model, "logits"):
+            raise BenchError(f"--loss ce: {type(model).__name__} has no two-class logits; use --loss model")
         params = list(model.parameters())
 
         def forward_backward():  # the original's protocol: plain cross-entropy on the logits
