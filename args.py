@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-DATASETS = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog", "refclef")
+DATASETS = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog", "refclef", "referit_tris")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -45,11 +45,19 @@ Datasets (``build_dataset`` names):
   ``<root>/images/saiapr_tc-12/`` (``file_name`` ``<nn>/images/<id>.jpg``); masks are RLE, decoded
   by the REFER API like every other segmentation; 20 tokens; splits ``train``, ``val``, ``test``;
   every sentence of every ref is evaluated; no black boxes, no FIANet class list (``t_mask`` zeros).
+* ``referit_tris``: ReferIt in the annotation format released with TRIS (Liu et al., ICCV 2023;
+  derived from the MultiGrounding release): ``<root>/annotations/{train,test}.pickle`` (a dict keyed
+  by image id, each value with an ``annotations`` list of ``image_id`` / ``query`` / ``bbox`` /
+  ``segmentation`` dicts, read by a restricted unpickler), images ``<root>/images/<id>.jpg``; one item
+  per annotation (``ref_id`` = running index); the mask is the union of the decoded RLE parts;
+  20 tokens. In eval mode annotations whose first box covers at most 5 % of the image are skipped,
+  as TRIS's ReferIt evaluation does; train mode keeps every annotation.
 * ``refsegrs``: ``images/<id>.tif``, ``masks/<id>.tif``, ``output_phrase_<split>.txt``; 20 tokens.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import weakref
 from pathlib import Path
@@ -59,23 +67,32 @@ import numpy as np
 import torch
 from PIL import Image
 
-from refer.refer import IMAGE_DIRS, REFER, ReferError
+from refer.refer import (
+    _CONTAINER_TYPES,
+    _SCALAR_TYPES,
+    IMAGE_DIRS,
+    REFER,
+    ReferError,
+    _PlainUnpickler,
+    decode_segmentation,
+)
 
 from .tokenizer import check_tokenizer_folder
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, black_box, choose_black_box_refs, load_rgb
 from .word_masks import DATASET_CLASSES, TextFeatures, build_text_features, default_cache_dirs
 
 __all__ = ["DatasetError", "DatasetFileNotFoundError", "Sample", "ReferDataset", "RRSISDDataset",
-           "RefSegRSDataset", "build_dataset", "DATASET_NAMES", "REFER_DATASETS", "DEFAULT_MAX_TOKENS",
-           "REFSEGRS_SPLITS", "SPLIT_BY"]
+           "RefSegRSDataset", "ReferItTRISDataset", "load_plain_pickle", "build_dataset", "DATASET_NAMES", "REFER_DATASETS", "DEFAULT_MAX_TOKENS",
+           "REFSEGRS_SPLITS", "REFERIT_TRIS_SPLITS", "SPLIT_BY"]
 
-DATASET_NAMES = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog", "refclef")
+DATASET_NAMES = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog", "refclef", "referit_tris")
 REFER_DATASETS = ("rrsisd", "refcoco", "refcoco+", "refcocog", "refclef")
 # splitBy values each REFER dataset is distributed with (used for a hint when the file is missing).
 SPLIT_BY = {"rrsisd": ("unc",), "refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google"),
             "refclef": ("unc", "berkeley")}
 # Reference token lengths: FIANet uses 22 on RRSIS-D, 20 elsewhere; LAVT 20 on RefCOCO.
-DEFAULT_MAX_TOKENS = {"rrsisd": 22, "refsegrs": 20, "refcoco": 20, "refcoco+": 20, "refcocog": 20, "refclef": 20}
+DEFAULT_MAX_TOKENS = {"rrsisd": 22, "refsegrs": 20, "refcoco": 20, "refcoco+": 20, "refcocog": 20, "refclef": 20,
+                      "referit_tris": 20}
 REFSEGRS_SPLITS = ("train", "val", "test")
 MODES = ("train", "eval")
 EVAL_PROTOCOLS = ("all", "one-per-ref")
@@ -417,6 +434,165 @@ class RefSegRSDataset(_GroundingDataset):
         return read_refsegrs_mask(self.mask_path(sample_index))
 
 
+class _LatinPlainUnpickler(_PlainUnpickler):
+    """The REFER restricted unpickler (every global refused) reading Python 2 strings as latin-1."""
+
+    def __init__(self, file: Any, path: Path):
+        pickle.Unpickler.__init__(self, file, encoding="latin1")
+        self._path = path
+
+
+_PLAIN_VALUES = _SCALAR_TYPES | {bytes}  # RLE counts may be bytes in a Python 3 pickle
+
+
+def load_plain_pickle(path: str | Path) -> Any:
+    """Read a pickle that may hold only plain dict / list / tuple / str / bytes / numbers / None.
+
+    Any global (a class, a function such as ``os.system``, a numpy array) is refused before it is
+    built, so loading cannot run code; Python 2 ``str`` values are decoded as latin-1.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFileNotFoundError(f"annotation file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            obj = _LatinPlainUnpickler(f, path).load()
+    except ReferError as exc:
+        raise DatasetError(str(exc).replace("the refs file", "the annotation file")) from None
+    except Exception as exc:  # truncated / not a pickle
+        raise DatasetError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    stack = [obj]
+    while stack:  # the opcodes can still build sets, bytearrays ...: only plain values pass
+        item = stack.pop()
+        if type(item) in _PLAIN_VALUES:
+            continue
+        if type(item) not in _CONTAINER_TYPES:
+            raise DatasetError(f"unexpected {type(item).__name__} value in {path}: the annotation file may only "
+                               "contain plain dict/list/tuple/str/bytes/int/float/bool/None values")
+        stack.extend((*item.keys(), *item.values()) if type(item) is dict else item)
+    return obj
+
+
+REFERIT_TRIS_SPLITS = ("train", "test")
+REFERIT_TRIS_MIN_BOX = 0.05  # eval skips annotations whose box covers <= 5 % of the image
+
+
+class ReferItTRISDataset(_GroundingDataset):
+    """ReferIt in TRIS's own annotation format (Liu et al., "Referring Image Segmentation Using Text
+    Supervision", ICCV 2023, Sec. 4.1 evaluates on its ReferIt test split).
+
+    ``<root>/annotations/<split>.pickle`` is a dict keyed by image id; each value's ``annotations``
+    list holds dicts with ``image_id``, ``query`` (the expression), ``bbox`` (a list of
+    ``[x1, y1, x2, y2]`` pixel boxes, the first one the target's) and ``segmentation`` (COCO RLE:
+    a list of parts decoded to ``(H, W, k)`` and summed over ``k``). Images: ``<root>/images/<id>.jpg``.
+
+    Every annotation is one item with one sentence (``ref_id`` is its running index over the file,
+    images in file order). The target is the union of the RLE parts (summed > 0). In eval mode an
+    annotation is skipped unless its box area ``(x2 - x1) * (y2 - y1)`` exceeds 5 % of ``H * W``
+    (the image size stored in the RLE, else read from the image header), as TRIS's ReferIt
+    evaluation does; train mode keeps all annotations, as its training loader does.
+    """
+
+    def __init__(self, root: str | Path, split: str, tokenizer_dir: str | Path, *, img_size: int = 320,
+                 max_tokens: int | None = 20, mode: str = "train", eval_protocol: str = "all", seed: int = 0,
+                 cache_dir: str | Path | None = None, word_masks: bool = True, pos_tagger: str | None = None):
+        self.root, self.split, self.dataset = Path(root), split, "referit_tris"
+        if not self.root.is_dir():
+            raise DatasetFileNotFoundError(f"dataset root (--refer_data_root) not found: {self.root}")
+        self.annotation_file = self.root / "annotations" / f"{split}.pickle"
+        if not self.annotation_file.is_file():
+            raise DatasetFileNotFoundError(
+                f"ReferIt (TRIS format) annotation file not found: {self.annotation_file} "
+                f"(--split; the release has {', '.join(REFERIT_TRIS_SPLITS)})")
+        check_tokenizer_folder(tokenizer_dir)
+        max_tokens = DEFAULT_MAX_TOKENS["referit_tris"] if max_tokens is None else max_tokens
+        self.max_tokens = max_tokens
+        table = load_plain_pickle(self.annotation_file)
+        where = self.annotation_file
+        if not isinstance(table, dict):
+            raise DatasetError(f"{where} must hold a dict keyed by image id, not a {type(table).__name__}")
+
+        samples: list[Sample] = []
+        self.annotations: list[dict] = []
+        self.small_boxes_skipped = skipped = 0
+        image_dir = self.root / "images"
+        for key, entry in table.items():
+            anns = entry.get("annotations") if isinstance(entry, dict) else None
+            if not isinstance(anns, list):
+                raise DatasetError(f"{where}: image {key!r} has no 'annotations' list")
+            for k, ann in enumerate(anns):
+                what = f"{where}: image {key!r} annotation {k}"
+                if not isinstance(ann, dict) or not isinstance(ann.get("query"), str):
+                    raise DatasetError(f"{what} has no 'query' string")
+                image_path = str(image_dir / f"{ann.get('image_id', key)}.jpg")
+                box = self._first_box(ann, what)
+                if mode == "eval":
+                    h, w = self._image_size(ann, image_path)
+                    if (box[3] - box[1]) * (box[2] - box[0]) <= REFERIT_TRIS_MIN_BOX * h * w:
+                        self.small_boxes_skipped += 1
+                        continue
+                elif not ann["query"].strip():
+                    skipped += 1  # nothing to ground
+                    continue
+                samples.append(Sample(len(samples), -1, 0, ann["query"].strip(), image_path, "", len(samples)))
+                self.annotations.append(ann)
+        warn_empty_sentences(f"referit_tris {split}", skipped, 0)
+        if not samples:
+            raise DatasetError(f"split {split!r} of {where} has no annotations to use")
+
+        features = build_text_features(
+            [ann["query"] for ann in self.annotations], tokenizer_dir, (), max_tokens,
+            cache_dirs=_cache_dirs(self.root, cache_dir), name=f"referit_tris-{split}-{max_tokens}",
+            word_masks=word_masks, pos_tagger=pos_tagger,
+        )
+        self._setup(samples, features, img_size=img_size, mode=mode, eval_protocol=eval_protocol, seed=seed)
+
+    @staticmethod
+    def _first_box(ann: dict, what: str) -> list[float]:
+        boxes = ann.get("bbox")
+        box = boxes[0] if isinstance(boxes, (list, tuple)) and boxes else None
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+            raise DatasetError(f"{what}: 'bbox' must be a list of [x1, y1, x2, y2] boxes, got {boxes!r:.80}")
+        return [float(v) for v in box]
+
+    @staticmethod
+    def _rle_size(ann: dict) -> tuple[int, int] | None:
+        seg = ann.get("segmentation")
+        part = seg[0] if isinstance(seg, list) and seg else seg
+        size = part.get("size") if isinstance(part, dict) else None
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            return int(size[0]), int(size[1])
+        return None
+
+    def _image_size(self, ann: dict, image_path: str) -> tuple[int, int]:
+        size = self._rle_size(ann)
+        if size is not None:
+            return size
+        if not Path(image_path).is_file():
+            raise DatasetFileNotFoundError(f"image not found: {image_path}")
+        try:
+            with Image.open(image_path) as image:  # the header only: PIL decodes lazily
+                return image.height, image.width
+        except Exception as exc:
+            raise DatasetError(f"cannot read image {image_path}: {type(exc).__name__}: {exc}") from None
+
+    def original_mask(self, sample_index: int) -> np.ndarray:
+        ann = self.annotations[sample_index]
+        size = self._rle_size(ann)
+        if size is None:
+            raise DatasetError(f"{self.annotation_file}: annotation of ref {sample_index} has no RLE 'size'")
+        try:
+            summed = decode_segmentation(ann.get("segmentation"), *size, where=f"{self.annotation_file} ref {sample_index}")
+        except ReferError as exc:
+            raise DatasetError(str(exc)) from None
+        return (summed > 0).astype(np.uint8)
+
+    def original_box(self, sample_index: int) -> list[float] | None:
+        x1, y1, x2, y2 = self._first_box(self.annotations[sample_index], str(self.annotation_file))
+        return [x1, y1, x2 - x1, y2 - y1]  # the COCO [x, y, w, h] the evaluation expects
+
+
 def build_dataset(name: str, root: str | Path, split: str, tokenizer_dir: str | Path, **kwargs: Any) -> _GroundingDataset:
     """Dataset by ``--dataset`` name (one of ``DATASET_NAMES``); keyword arguments pass through.
 
@@ -430,6 +606,8 @@ def build_dataset(name: str, root: str | Path, split: str, tokenizer_dir: str | 
         ds: _GroundingDataset = RRSISDDataset(root, split, tokenizer_dir, **kwargs)
     elif name == "refsegrs":
         ds = RefSegRSDataset(root, split, tokenizer_dir, **kwargs)
+    elif name == "referit_tris":
+        ds = ReferItTRISDataset(root, split, tokenizer_dir, **kwargs)
     elif name in REFER_DATASETS:
         ds = ReferDataset(root, split, tokenizer_dir, dataset=name, **kwargs)
     else:

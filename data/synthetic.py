@@ -21,6 +21,12 @@ writes these folders (all layouts by default):
   under ``images/saiapr_tc-12/<nn>/images/<id>.jpg`` as in SAIAPR TC-12; splits train/val/test;
   short article-less expressions, some refs with two.  Use ``--refer_data_root DIR/refclef
   --dataset refclef`` (``--splitBy unc`` or ``berkeley``).
+* ``DIR/referit_tris/`` (opt-in: ``--layouts referit_tris``; not written by default) ReferIt in the
+  annotation format released with TRIS: ``annotations/{train,test}.pickle`` (a dict keyed by image
+  id; each value's ``annotations`` list holds ``image_id``, ``query``, ``bbox`` ``[[x1, y1, x2, y2]]``
+  and ``segmentation``, a list of RLE dicts -- every third target split into two parts) and JPEGs
+  ``images/<id>.jpg``; every image also shows a small square (its own annotation, a box under 5 %
+  of the image, which the evaluation skips).  Use ``--refer_data_root DIR/referit_tris --dataset referit_tris``.
 * ``DIR/bert/``     a tiny BERT folder (``config.json``, ``vocab.txt``, ``tokenizer_config.json``)
   whose vocabulary covers every caption; models build BERT from the config with random weights.
 
@@ -1097,6 +1103,86 @@ def write_refclef(root: Path, rng: np.random.Generator, counts: dict[str, int], 
     return stats
 
 
+REFERIT_TRIS_FIRST_IMAGE_ID = 3000  # ReferIt image ids are numbers; the pickle keys them as strings
+REFERIT_TRIS_SPLIT_EVERY = 3        # every third target's RLE is stored as two parts (decoded H x W x 2)
+
+
+def _split_rle(mask: np.ndarray) -> list[dict]:
+    """A mask as two RLE parts (rows above / from its middle row): their sum is the mask again."""
+    rows = np.nonzero(mask.any(axis=1))[0]
+    middle = int(rows[len(rows) // 2])
+    top, bottom = mask.copy(), mask.copy()
+    top[middle:] = 0
+    bottom[:middle] = 0
+    return [_encode_rle(top), _encode_rle(bottom)]
+
+
+def _add_speck(rng: np.random.Generator, scene: Scene, size: int) -> tuple[np.ndarray, str] | None:
+    """Paint a small square (side ``size // 8``: under 2 % of the image) on free background, at least
+    two pixels away from every object; returns its mask and caption (None where nothing fits)."""
+    side = max(3, size // 8)
+    taken = np.zeros((size, size), dtype=bool)
+    for obj in scene.objects:
+        taken |= obj.mask.astype(bool)
+    free = [(r, c) for r in range(2, size - side - 2, 2) for c in range(2, size - side - 2, 2)
+            if not taken[r - 2:r + side + 2, c - 2:c + side + 2].any()]
+    if not free:
+        return None
+    r, c = free[int(rng.integers(len(free)))]
+    colour = str(_pick(rng, ("red", "blue", "yellow", "white")))
+    scene.image[r:r + side, c:c + side] = COLOURS[colour]
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[r:r + side, c:c + side] = 1
+    return mask, f"small {colour} square"
+
+
+def write_referit_tris(root: Path, rng: np.random.Generator, counts: dict[str, int], size: int,
+                       refs_per_image: int, styles: dict[str, ClassStyle] = REFCLEF_STYLES) -> dict[str, dict[str, int]]:
+    """Write ReferIt in TRIS's annotation format: ``annotations/{train,test}.pickle`` and
+    ``images/<id>.jpg`` (splits train and test; test has ``counts['test']`` images).
+
+    Each ref becomes one annotation (its first sentence is the ``query``); ``bbox`` is
+    ``[[x1, y1, x2, y2]]`` with ``x2 = x1 + w``. Every image also gets a small painted square
+    (``_add_speck``) with its own annotation, so both splits hold boxes under 5 % of the image
+    (kept for training, skipped by the evaluation). The pickles use protocol 2 with ``str`` RLE
+    counts, like the Python 2 era release.
+    """
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    stats: dict[str, dict[str, int]] = {}
+    k = 0
+    for split in ("train", "test"):
+        table: dict[str, dict] = {}
+        n_small = n_ann = 0
+        for _ in range(counts[split]):
+            scene, scene_refs = sample_described_scene(rng, size, styles, refs_per_image)
+            image_id = REFERIT_TRIS_FIRST_IMAGE_ID + k
+            k += 1
+            anns = []
+            for ref in scene_refs:
+                obj = scene.objects[ref.target]
+                x, y, w, h = obj.bbox()
+                n_ann += 1
+                rle = _split_rle(obj.mask) if n_ann % REFERIT_TRIS_SPLIT_EVERY == 0 else [_encode_rle(obj.mask)]
+                n_small += w * h <= 0.05 * size * size
+                anns.append({"image_id": str(image_id), "query": _referit_style(ref.sentences[0]),
+                             "bbox": [[x, y, x + w, y + h]], "segmentation": rle})
+            speck = _add_speck(rng, scene, size)
+            Image.fromarray(scene.image).save(root / "images" / f"{image_id}.jpg", quality=95, subsampling=0)
+            if speck is not None:
+                ys, xs = np.nonzero(speck[0])
+                box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+                n_ann += 1
+                n_small += 1
+                anns.append({"image_id": str(image_id), "query": speck[1], "bbox": [box],
+                             "segmentation": [_encode_rle(speck[0])]})
+            table[str(image_id)] = {"annotations": anns}
+        with open(root / "annotations" / f"{split}.pickle", "wb") as f:
+            pickle.dump(table, f, protocol=2)
+        stats[split] = {"images": counts[split], "refs": n_ann, "sentences": n_ann, "small_boxes": n_small}
+    return stats
+
+
 # No dropout: this BERT starts from random weights and is trained for minutes, not regularised.
 BERT_CONFIG = {
     "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 64,
@@ -1146,6 +1232,11 @@ def _read_captions(paths: dict[str, Path]) -> list[str]:
         with open(ref_file, "rb") as f:
             refs = pickle.load(f)  # our own file, written a moment ago
         captions += [s["raw"] for r in refs for s in r["sentences"]]
+    if "referit_tris" in paths:
+        for split in ("train", "test"):
+            with open(paths["referit_tris"] / "annotations" / f"{split}.pickle", "rb") as f:
+                table = pickle.load(f)  # our own file, written a moment ago
+            captions += [a["query"] for entry in table.values() for a in entry["annotations"]]
     if "refsegrs" in paths:
         for split in SPLITS:
             for line in (paths["refsegrs"] / f"output_phrase_{split}.txt").read_text().splitlines():
@@ -1159,10 +1250,14 @@ def _read_captions(paths: dict[str, Path]) -> list[str]:
 
 MARKER = "synthetic.json"  # written into DIR; lets a later run replace our own output safely
 LAYOUTS_ALL: tuple[str, ...] = ("rrsisd", "refsegrs", "refcoco", "refclef")  # new layouts go last (seed streams)
+# Written only when asked for (``layouts=("referit_tris",)``): the default output stays as it was.
+LAYOUTS_OPT_IN: tuple[str, ...] = ("referit_tris",)
+LAYOUTS_KNOWN: tuple[str, ...] = LAYOUTS_ALL + LAYOUTS_OPT_IN
 
 
 LAYOUT_STYLES: dict[str, dict[str, ClassStyle]] = {
-    "rrsisd": RRSISD_STYLES, "refsegrs": REFSEGRS_STYLES, "refcoco": COCO_STYLES, "refclef": REFCLEF_STYLES}
+    "rrsisd": RRSISD_STYLES, "refsegrs": REFSEGRS_STYLES, "refcoco": COCO_STYLES, "refclef": REFCLEF_STYLES,
+    "referit_tris": REFCLEF_STYLES}
 MIN_CLASSES = 3  # the richest object-count pattern draws three different classes
 
 
@@ -1188,10 +1283,10 @@ def _class_styles(layouts: Sequence[str], classes: Sequence[str] | str | None) -
 def _check_layouts(layouts: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(layouts, str):
         layouts = [part.strip() for part in layouts.split(",") if part.strip()]
-    unknown = [name for name in layouts if name not in LAYOUTS_ALL]
+    unknown = [name for name in layouts if name not in LAYOUTS_KNOWN]
     if unknown or not layouts:
-        raise SyntheticDataError(f"--layouts {','.join(layouts)!s}: choose one or more of {','.join(LAYOUTS_ALL)}")
-    return tuple(name for name in LAYOUTS_ALL if name in layouts)
+        raise SyntheticDataError(f"--layouts {','.join(layouts)!s}: choose one or more of {','.join(LAYOUTS_KNOWN)}")
+    return tuple(name for name in LAYOUTS_KNOWN if name in layouts)
 
 
 def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_size: int = 64,
@@ -1220,7 +1315,7 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
     if out.exists() and not out.is_dir():
         raise SyntheticDataError(f"--out {out} exists and is not a folder")
     ours = (out / MARKER).is_file()
-    for name in (*LAYOUTS_ALL, "bert"):  # also a layout left by an earlier run of ours with other --layouts
+    for name in (*LAYOUTS_KNOWN, "bert"):  # also a layout left by an earlier run of ours with other --layouts
         p = out / name
         if p.exists() and (ours or name in paths):
             if not ours:
@@ -1236,8 +1331,9 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
 
     # One stream per layout (spawned children do not depend on how many are spawned), so each
     # layout's files are the same whichever other layouts are written.
-    streams = dict(zip(LAYOUTS_ALL, np.random.SeedSequence(int(seed)).spawn(len(LAYOUTS_ALL))))
-    writers = {"rrsisd": write_rrsisd, "refsegrs": write_refsegrs, "refcoco": write_refcoco, "refclef": write_refclef}
+    streams = dict(zip(LAYOUTS_KNOWN, np.random.SeedSequence(int(seed)).spawn(len(LAYOUTS_KNOWN))))
+    writers = {"rrsisd": write_rrsisd, "refsegrs": write_refsegrs, "refcoco": write_refcoco, "refclef": write_refclef,
+               "referit_tris": write_referit_tris}
     stats = {name: writers[name](paths[name], np.random.default_rng(streams[name]), counts, int(image_size),
                                  int(refs_per_image), styles[name]) for name in layouts}
     vocab_size = write_bert(paths["bert"], _read_captions(paths))
@@ -1261,6 +1357,8 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
         if "refcoco" in paths:
             print(f"refcoco:  --refer_data_root {paths['refcoco']} --dataset refcoco|refcoco+ "
                   "(--splitBy unc) or refcocog (--splitBy umd|google)")
+        if "referit_tris" in paths:
+            print(f"referit_tris: --refer_data_root {paths['referit_tris']} --dataset referit_tris")
         if "refclef" in paths:
             print(f"refclef:  --refer_data_root {paths['refclef']} --dataset refclef (--splitBy unc|berkeley)")
         print(f"bert:     --bert_tokenizer {paths['bert']} (vocabulary of {vocab_size} tokens)")
@@ -1277,7 +1375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, default=64, help="image side in pixels (>= 32)")
     parser.add_argument("--refs_per_image", type=int, default=3, help="refs (targets) per image")
     parser.add_argument("--layouts", default=",".join(LAYOUTS_ALL),
-                        help=f"datasets to write, comma-separated (default {','.join(LAYOUTS_ALL)})")
+                        help=f"datasets to write, comma-separated (default {','.join(LAYOUTS_ALL)}; "
+                             f"opt-in: {','.join(LAYOUTS_OPT_IN)})")
     parser.add_argument("--classes", default=None,
                         help="draw only these classes, comma-separated (default: every class of each layout)")
     args = parser.parse_args(argv)

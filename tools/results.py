@@ -58,6 +58,8 @@ def available_splits(dataset: str, root: str | Path, split_by: str | None = None
     root = Path(root)
     if dataset == "refsegrs":
         found = [s for s in datasets.REFSEGRS_SPLITS if s != "train" and (root / f"output_phrase_{s}.txt").is_file()]
+    elif dataset == "referit_tris":
+        found = [s for s in datasets.REFERIT_TRIS_SPLITS if s != "train" and (root / "annotations" / f"{s}.pickle").is_file()]
     else:
         if refer is None:
             refer = datasets.load_refer(root, dataset, split_by or datasets.SPLIT_BY[dataset][0])
@@ -81,7 +83,7 @@ def split_datasets(spec: str, dataset: str, root: str | Path, split_by: str | No
     if "all" in parts:
         if len(parts) > 1:
             raise ResultsError(f"--split {spec!r}: 'all' cannot be combined with other splits")
-        if dataset != "refsegrs":
+        if dataset not in ("refsegrs", "referit_tris"):
             try:
                 from data import datasets
 
