@@ -360,11 +360,14 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     spec = spec_of(inner)
     keys = spec.inputs
     points = utils.PointMetrics(device) if spec.eval_at_original_resolution else None
+    dataset = loader.dataset
+    while isinstance(dataset, torch.utils.data.Subset):  # items carry the underlying dataset's index
+        dataset = dataset.dataset
     if points is not None:
         for method in ("sample_index", "original_mask"):
-            if not callable(getattr(loader.dataset, method, None)):
+            if not callable(getattr(dataset, method, None)):
                 raise UserError(f"{desc}: the model is evaluated at the original resolution, but the dataset "
-                                f"{type(loader.dataset).__name__} has no {method}()")
+                                f"{type(dataset).__name__} has no {method}()")
     bar = utils.progress(loader, enabled=show_progress and utils.is_main_process(), desc=desc, leave=False)
     for step, batch in enumerate(bar):
         batch = to_device(batch, device)
@@ -374,7 +377,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
             raise UserError(f"{desc}: the model's outputs became NaN / inf at batch {step}; its weights are broken "
                             f"or --amp {amp} overflows (try --amp off); no metrics written")
         if points is not None:
-            _evaluate_at_original_resolution(inner, outputs, batch, loader.dataset, metrics, points, on_batch)
+            _evaluate_at_original_resolution(inner, outputs, batch, dataset, metrics, points, on_batch)
             continue
         gt = batch["target"]
         pred = inner.predict_mask(outputs, gt.shape[-2:])  # the model's own rule (argmax, sigmoid > 0.5 ...)

@@ -87,8 +87,8 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
     try:
         split = "train" if what == "fit" else "val"
         ds, args, vocab = make_dataset(work, model_name, setting, size, tokens, split, passes * opts.batch, workers)
-        if vocab > cfg["bert"]["vocab_size"]:  # the tiny BERT's vocabulary is smaller than the synthetic one
-            cfg["bert"] = dict(cfg["bert"], vocab_size=vocab)
+        if "bert" in cfg and vocab > cfg["bert"]["vocab_size"]:  # the tiny BERT's vocabulary is smaller
+            cfg["bert"] = dict(cfg["bert"], vocab_size=vocab)               # than the synthetic one
         torch.manual_seed(0)
         model = build_model(cfg).to(device)
         check_model_options(model, opts)
