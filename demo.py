@@ -85,12 +85,7 @@ def run(args) -> int:
     model.to(device).eval()
     spec = engine.spec_of(model)
 
-    if spec.text.tokenizer == "clip":
-        from data.tokenizer import clip_name
-
-        tokenizer_dir = clip_name(saved.get("clip_bpe"))
-    else:
-        tokenizer_dir = args.bert_tokenizer or saved.get("bert_tokenizer")
+    tokenizer_dir = engine.tokenizer_name(spec, args.bert_tokenizer or saved.get("bert_tokenizer"), saved.get("clip_bpe"))
     if not tokenizer_dir:
         raise UserError("--bert_tokenizer: not stored in the checkpoint; pass the tokenizer folder")
     dataset = args.dataset or saved.get("dataset") or "rrsisd"

@@ -222,14 +222,14 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str, args: argparse.Namesp
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-def tokenizer_name(args: argparse.Namespace, spec: ModelSpec) -> str:
+def tokenizer_name(spec: ModelSpec, bert_tokenizer: str | None, clip_bpe: str | None = None) -> str | None:
     """The data side's tokenizer for a model: its BERT folder (``--bert_tokenizer``) or CLIP's BPE
     (``--clip_bpe``, default the vocabulary shipped with open_clip_torch)."""
     from data.tokenizer import clip_name
 
     if spec.text.tokenizer == "clip":
-        return clip_name(getattr(args, "clip_bpe", None))
-    return args.bert_tokenizer
+        return clip_name(clip_bpe)
+    return bert_tokenizer
 
 
 def build_dataset(args: argparse.Namespace, split: str, mode: str, eval_protocol: str = "all"):
@@ -244,7 +244,8 @@ def build_dataset(args: argparse.Namespace, split: str, mode: str, eval_protocol
     if args.dataset in datasets.REFER_DATASETS and args.splitBy:
         kwargs["splitBy"] = args.splitBy
     try:
-        ds = datasets.build_dataset(args.dataset, args.refer_data_root, split, tokenizer_name(args, spec), **kwargs)
+        tokenizer = tokenizer_name(spec, args.bert_tokenizer, getattr(args, "clip_bpe", None))
+        ds = datasets.build_dataset(args.dataset, args.refer_data_root, split, tokenizer, **kwargs)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         raise UserError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
     if len(ds) == 0:
@@ -292,10 +293,6 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     inner = getattr(model, "_orig_mod", model)
     inner = getattr(inner, "module", inner)
     return getattr(inner, "_orig_mod", inner)
-
-
-def uses_word_masks(model: nn.Module) -> bool:
-    return spec_of(model).text.word_masks
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

@@ -85,12 +85,8 @@ class TileScorer:
         size = saved.get("img_size") or config.get("img_size") or spec.default_img_size
         self.size = int(size[0] if isinstance(size, (list, tuple)) else size)
         self.patch_grid = spec.output_stride  # the coarsest feature map is this many times smaller
-        if spec.text.tokenizer == "clip":
-            from data.tokenizer import clip_name
-
-            self.tokenizer_dir = clip_name(saved.get("clip_bpe"))
-        else:
-            self.tokenizer_dir = tokenizer_dir or saved.get("bert_tokenizer")
+        self.tokenizer_dir = engine.tokenizer_name(spec, tokenizer_dir or saved.get("bert_tokenizer"),
+                                                   saved.get("clip_bpe"))
         if not self.tokenizer_dir:
             raise UserError("--bert_tokenizer: not stored in the checkpoint; pass the tokenizer folder")
         self.dataset = dataset or saved.get("dataset") or "rrsisd"

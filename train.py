@@ -161,19 +161,19 @@ def build_model(args, info: utils.DistInfo, resume_ckpt: dict[str, Any] | None) 
     if args.grad_ckpt:
         config = {**config, "grad_ckpt": True}
     model = registry.build_model(config)
+    frozen = None
     if resume_ckpt is None:
         engine.load_pretrained(model, args.pretrained_swin_weights, args.ck_bert, verbose=info.is_main,
                                clip_path=args.clip_weights, allow_torchscript=args.allow_torchscript)
-        frozen = freeze_untrained_parameters(model, bert_pretrained=ckpt_lib.has_bert_weights(args.ck_bert))
     else:
         ckpt_lib.load_model_state(model, resume_ckpt["model"], strict=True)
-        frozen = resume_ckpt.get("frozen")
-        if frozen is None:  # checkpoints written before the list was stored
-            frozen = freeze_untrained_parameters(model, bert_pretrained=ckpt_lib.has_bert_weights(args.ck_bert))
-        else:
-            names = set(frozen)
-            for name, p in model.named_parameters():
-                p.requires_grad_(name not in names)
+        frozen = resume_ckpt.get("frozen")  # None in checkpoints written before the list was stored
+    if frozen is None:
+        frozen = freeze_untrained_parameters(model, bert_pretrained=ckpt_lib.has_bert_weights(args.ck_bert))
+    else:
+        names = set(frozen)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in names)
     return model, list(frozen)
 
 

@@ -60,11 +60,6 @@ def model_spec(name: str) -> ModelSpec:
     return entry if isinstance(entry, ModelSpec) else _load(entry)
 
 
-def model_class(name: str) -> type[nn.Module]:
-    """The class of a registered model (imported on demand; nothing is built)."""
-    return _load(model_spec(name).target)
-
-
 def model_config(name: str, **options: Any) -> dict[str, Any]:
     """Full, JSON-serialisable config of model ``name`` (the reference builder's defaults, changed
     by ``options``: swin_type, window_size, pretrained_swin, img_size, mha, fusion_drop, bert,

@@ -38,6 +38,8 @@ A stage-2 checkpoint given to the stage-1 class (or vice versa) is refused with 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -48,7 +50,7 @@ from torch import nn
 
 from lib.checkpoint import CheckpointMismatchError
 from lib.clip import CLIP, clip_config, load_clip_weights
-from lib.spec import ModelSpec, Recipe, TextSide
+from lib.spec import ModelSpec, Recipe, TextSide, resize_logits
 
 __all__ = ["BilateralPrompt", "PixelAttention", "ConvBNPReLU", "TRISStage1", "TRISStage2", "SPEC_STAGE1",
            "SPEC_STAGE2", "build_config", "config_from_fixture", "focal_penalty"]
@@ -65,10 +67,7 @@ def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def _resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """(B, 1, h, w) -> (B, H, W) float32, bilinear align_corners=True (the evaluation upsampling)."""
-    x = x.float()
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-    return x[:, 0]
+    return resize_logits(x, size)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,39 +516,21 @@ _RECIPES = {"*": Recipe(lr=5e-5, epochs=15, batch_size=48, max_tokens=CONTEXT_LE
 _TEXT = TextSide("clip", context_length=CONTEXT_LENGTH)
 
 
-def _build_stage1(name: str = "tris_stage1", **options: Any) -> dict[str, Any]:
-    return build_config(name, stage=1, **options)
-
-
-def _build_stage2(name: str = "tris_stage2", **options: Any) -> dict[str, Any]:
-    return build_config(name, stage=2, **options)
-
-
-def _stage1_from_fixture(fx: Mapping[str, Any]) -> dict[str, Any]:
-    return config_from_fixture(fx, stage=1)
-
-
-def _stage2_from_fixture(fx: Mapping[str, Any]) -> dict[str, Any]:
-    return config_from_fixture(fx, stage=2)
-
-
 # Seconds on a CPU: one bottleneck per ResNet stage, a one-layer 64-wide text tower (the full BPE
 # vocabulary, so real tokenised sentences fit).
 _TINY = {"clip_overrides": {"vision_layers": [1, 1, 1, 1], "transformer_width": 64,
                             "transformer_heads": 1, "transformer_layers": 1}, "hidden_dim": 64}
 
 SPEC_STAGE1 = ModelSpec(
-    target="lib.tris:TRISStage1", build_config=_build_stage1, recipes=_RECIPES,
-    config_from_fixture=_stage1_from_fixture, sync_bn=True, val_protocol="all", inputs=("image", "text"),
-    train_inputs=("image", "text"), text=_TEXT, default_img_size=DEFAULT_IMG_SIZE,
+    target="lib.tris:TRISStage1", build_config=functools.partial(build_config, stage=1), recipes=_RECIPES,
+    config_from_fixture=functools.partial(config_from_fixture, stage=1), sync_bn=True, val_protocol="all",
+    inputs=("image", "text"), train_inputs=("image", "text"), text=_TEXT, default_img_size=DEFAULT_IMG_SIZE,
     pretrained_missing=(r"vis_project\.", r"lan_project\.", r"logit_scale$", r"attn_fusion\."),
     tiny=_TINY, eval_at_original_resolution=True,  # the paper's protocol: GT at the image's own size
 )
-SPEC_STAGE2 = ModelSpec(
-    target="lib.tris:TRISStage2", build_config=_build_stage2, recipes=_RECIPES,
-    config_from_fixture=_stage2_from_fixture, sync_bn=True, val_protocol="all", inputs=("image", "text"),
-    train_inputs=("image", "text"), text=_TEXT, default_img_size=DEFAULT_IMG_SIZE,
+SPEC_STAGE2 = dataclasses.replace(
+    SPEC_STAGE1, target="lib.tris:TRISStage2", build_config=functools.partial(build_config, stage=2),
+    config_from_fixture=functools.partial(config_from_fixture, stage=2),
     pretrained_missing=(r"attention[234]\.", r"reduced_c[1-4]\.", r"output[1-4]\.", r"final_seg[1-4]\."),
-    tiny=_TINY, eval_at_original_resolution=True,  # the paper's protocol: GT at the image's own size
 )
 SPEC = SPEC_STAGE1  # the file's default spec (stage 1); the registry names both
