@@ -96,7 +96,8 @@ class _StridedBilateral:
 
     Sources are the pixels whose row and column are multiples of the step ``s``. A target pixel
     (y, x) lies in source cell (y // s, x // s); the sources it sees are the cells (y // s + a,
-    x // s + b) for |a|, |b| <= reach, at a distance (a s - y % s, b s - x % s).
+    x // s + b) for |a|, |b| <= reach, at a distance (a s - y % s, b s - x % s). A source grid
+    repeated s times and zero-padded by ``reach`` cells makes every cell offset one slice.
 
     ``image``: (3, H, W) float RGB in 0..255. ``apply(v)``: v (C, H, W) -> (C, H, W).
     """
@@ -104,41 +105,43 @@ class _StridedBilateral:
     def __init__(self, image: torch.Tensor, sxy: float, srgb: float) -> None:
         self.h, self.w = image.shape[-2:]
         self.s = max(1, int(math.ceil(sxy / 5)))
-        self.sxy, self.srgb = sxy, srgb
         self.reach = int(math.ceil(2 * sxy / self.s))
+        self.sxy, self.srgb = sxy, srgb
         self.image = image
-        self.src_img = image[:, ::self.s, ::self.s]
         dev, dt = image.device, image.dtype
         self.ry = (torch.arange(self.h, device=dev) % self.s).to(dt)[:, None]
         self.rx = (torch.arange(self.w, device=dev) % self.s).to(dt)[None, :]
         self.cells = [(a, b) for a in range(-self.reach, self.reach + 1) for b in range(-self.reach, self.reach + 1)]
+        self.src_img = self._spread(image)
+        self.valid = self._spread(torch.ones(1, self.h, self.w, device=dev, dtype=dt))[0]
         # The kernel weights do not depend on v: kept between calls when they fit in ~400 MB.
         self.cache = [self._kernel(a, b) for a, b in self.cells] if len(self.cells) * self.h * self.w <= 1e8 else None
 
-    def _kernel(self, a: int, b: int) -> torch.Tensor:
-        src_col, valid = self._gather(self.src_img, a, b)
-        dist2 = (a * self.s - self.ry) ** 2 + (b * self.s - self.rx) ** 2
-        diff = ((self.image - src_col) ** 2).sum(0)
-        return torch.exp(-dist2 / (2 * self.sxy**2) - diff / (2 * self.srgb**2)) * valid * float(self.s**2)
+    def _spread(self, x: torch.Tensor) -> torch.Tensor:
+        """(C, H, W) -> the sources x[:, ::s, ::s], each repeated over its s×s cell, padded by
+        ``reach`` cells of zeros on every side."""
+        src = x[:, ::self.s, ::self.s]
+        rep = src.repeat_interleave(self.s, 1).repeat_interleave(self.s, 2)
+        p = self.reach * self.s
+        return F.pad(rep, (p, p, p, p))
 
-    def _gather(self, src: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-resolution view of the source cell (y // s + a, x // s + b): values (C, H, W) and
-        a validity mask (H, W) (0 where that cell is outside the image)."""
-        hs, ws = src.shape[-2:]
-        cy = torch.arange(self.h, device=src.device) // self.s + a
-        cx = torch.arange(self.w, device=src.device) // self.s + b
-        vy = (cy >= 0) & (cy < hs)
-        vx = (cx >= 0) & (cx < ws)
-        vals = src[:, cy.clamp(0, hs - 1)][:, :, cx.clamp(0, ws - 1)]
-        return vals, (vy[:, None] & vx[None, :]).to(src.dtype)
+    def _cell(self, spread: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """The value of source cell (y // s + a, x // s + b) at every target (y, x): a slice."""
+        y0, x0 = (self.reach + a) * self.s, (self.reach + b) * self.s
+        return spread[..., y0:y0 + self.h, x0:x0 + self.w]
+
+    def _kernel(self, a: int, b: int) -> torch.Tensor:
+        dist2 = (a * self.s - self.ry) ** 2 + (b * self.s - self.rx) ** 2
+        diff = ((self.image - self._cell(self.src_img, a, b)) ** 2).sum(0)
+        k = torch.exp(-dist2 / (2 * self.sxy**2) - diff / (2 * self.srgb**2))
+        return k * self._cell(self.valid, a, b) * float(self.s**2)
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
-        src_v = v[:, ::self.s, ::self.s]
+        spread = self._spread(v)
         out = torch.zeros_like(v)
         for n, (a, b) in enumerate(self.cells):
             k = self.cache[n] if self.cache is not None else self._kernel(a, b)
-            vals, _ = self._gather(src_v, a, b)
-            out += k * vals
+            out.addcmul_(k, self._cell(spread, a, b))
         return out
 
 
