@@ -262,7 +262,7 @@ def pseudo_masks_parser() -> argparse.ArgumentParser:
     g.add_argument("--ins_seg_bg_thres", default=0.25, type=float, help="background score of the instance masks")
     g = p.add_argument_group("run")
     g.add_argument("--tiny", action="store_true",
-                   help="tests: a tiny random frozen backbone, crop 128, batch 8, 1 epoch (not a real result)")
+                   help="tests: a tiny random frozen backbone, crop 128, batch 4, 8 epochs (not a real result)")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
     g.add_argument("--workers", default=0, type=int, help="data-loader workers for IRNet training")
     g.add_argument("--seed", default=0, type=int)

@@ -359,11 +359,9 @@ def find_centroids(dp: np.ndarray, iterations: int = 300) -> np.ndarray:
         y1, x1 = np.ceil(cy).astype(np.int64), np.ceil(cx).astype(np.int64)
         fy, fx = cy - y0, cx - x0
 
-        def sample(c: np.ndarray) -> np.ndarray:
-            return (c[y0, x0] * (1 - fy) * (1 - fx) + c[y0, x1] * (1 - fy) * fx
-                    + c[y1, x0] * fy * (1 - fx) + c[y1, x1] * fy * fx)
-
-        dy, dx = sample(dp[0]), sample(dp[1])
+        # bilinear weights of the four corners, shared by both channels
+        w00, w01, w10, w11 = (1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx
+        dy, dx = (c[y0, x0] * w00 + c[y0, x1] * w01 + c[y1, x0] * w10 + c[y1, x1] * w11 for c in dp)
         cy = np.clip(cy + dy, 0, h - 1)
         cx = np.clip(cx + dx, 0, w - 1)
     return np.stack([np.round(cy), np.round(cx)]).astype(np.int64)

@@ -57,7 +57,7 @@ from engine import UserError  # noqa: E402
 from lib import crf as crf_lib  # noqa: E402
 from lib import irnet as irn  # noqa: E402
 
-TINY = {"irn_crop_size": 128, "irn_batch_size": 8, "irn_num_epoches": 2}
+TINY = {"irn_crop_size": 128, "irn_batch_size": 4, "irn_num_epoches": 8}
 WEIGHTS = "res50_irn.safetensors"
 PAIR_RADIUS = 10  # §4.2: pairs for training
 WALK_RADIUS = 5  # §5: affinities of the random walk
@@ -270,7 +270,7 @@ def train_pass(records: list[dict[str, Any]], seed_dir: Path, irn_dir: Path, arg
             losses["total"].backward()
             opt.step()
             log.write(json.dumps({"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
-                                  **{k: round(float(v), 6) for k, v in losses.items()}}) + "\n")
+                                  **{k: round(float(v.detach()), 6) for k, v in losses.items()}}) + "\n")
             step += 1
             next(bar_it, None)
     log.close()
@@ -426,6 +426,8 @@ def run(argv: list[str] | None = None) -> int:
 
     t = time.time()
     counts["masks"] = masks_pass(prms, records, out, make, progress, desc="masks")
+    if args.method == "irnet":
+        counts["masks"]["components_made"] = int(sum(n_comp))
     timings["masks_s"] = round(time.time() - t, 3)
     print(f"masks: {counts['masks']['made']} made ({counts['masks']['empty_made']} empty), "
           f"{counts['masks']['skipped']} already there in {timings['masks_s']:.1f}s")
