@@ -666,7 +666,8 @@ def build_config(name: str, stage: int | None = None, **options: Any) -> dict[st
 
 
 def config_from_fixture(fx: Mapping[str, Any], stage: int = 1) -> dict[str, Any]:
-    """Our config of one stage of a TRIS reference fixture config (``fx['stage1']`` / ``['stage2']``)."""
+    """Our config of one stage of a TRIS reference fixture config (``fx['stage1']`` / ``['stage2']``); the
+    stage-1 calibration weights are 0 (the fixtures hold no ViT calibrator)."""
     key = f"stage{stage}"
     part = fx[key] if key in fx else fx
     c = dict(part["clip"])
@@ -684,7 +685,9 @@ def config_from_fixture(fx: Mapping[str, Any], stage: int = 1) -> dict[str, Any]
                    bilateral_prompt=float(args.get("attn_multi", 0.1)) > 0,
                    prompt_weight=float(hard.get("bilateral_prompt_add_weight", PROMPT_WEIGHT)),
                    focal_p=float(args.get("FOCAL_P", 3.0)), focal_lambda=float(args.get("FOCAL_LAMBDA", 0.01)),
-                   eval_pairing="batch")  # the fixture's eval forward ran the whole batch together
+                   eval_pairing="batch",  # the fixture's eval forward ran the whole batch together
+                   # The fixtures hold the network and its loss_cls only, no ViT calibrator: no calibration terms.
+                   loss_weights={**STAGE1_LOSS_WEIGHTS, "pos": 0.0, "neg": 0.0})
     else:
         cfg.update(text_dim=int(hard.get("textdim", 512)))
         for ours, theirs in (("v_chans", "v_chans"), ("reduced", "reduced"), ("decoder", "outputs")):
