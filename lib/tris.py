@@ -31,8 +31,8 @@ train.py's finite-loss check turns into a one-line stop (the reference would go 
 weights). Gradients of the calibration terms flow through the frozen ViT into ``cam`` only.
 
 The calibrator (`TRISStage1.calibrator`, a `lib.clip.FrozenCLIP`) is a CLIP ViT-B/32 read from a local
-file (``calibration.weights`` in the config, or `TRISStage1.prepare_training`; OpenAI's TorchScript
-``ViT-B-32.pt`` only with ``allow_torchscript``). It is not a submodule: it is in no state_dict (a
+file (``calibration.weights`` in the config, or `TRISStage1.load_calibrator` / ``prepare_training``;
+OpenAI's TorchScript ``ViT-B-32.pt`` only with ``allow_torchscript``, never from a config). It is not a submodule: it is in no state_dict (a
 stage-1 checkpoint holds the stage-1 network only), in no optimiser, never trains, stays in eval
 mode and follows the model's device (float32; the reference keeps it in the float16 weights
 ``clip.load`` gives on a GPU). Tiny test configs use a seeded random ViT instead
@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.checkpoint import CheckpointMismatchError
+from lib.checkpoint import CheckpointError, CheckpointMismatchError
 from lib.clip import CLIP, FrozenCLIP, VisionTransformer, clip_config, load_clip_weights, load_frozen_clip
 from lib.spec import ModelSpec, Recipe, TextSide, resize_logits
 
@@ -161,26 +161,32 @@ _TINY_VIT = {"vision_layers": 1, "vision_width": 64, "embed_dim": 32, "transform
              "transformer_heads": 1, "transformer_layers": 1}
 
 
-def calibration_config(weights: str | os.PathLike = "", random_init: bool = False,
-                       allow_torchscript: bool = False) -> dict[str, Any]:
+def calibration_config(weights: str | os.PathLike = "", random_init: bool = False) -> dict[str, Any]:
     """The ``calibration`` entry of a stage-1 config: the ViT's `CLIP` config (ViT-B/32, or the tiny
-    random one), the local weights file, and whether the weights are a seeded random draw."""
+    random one), the local weights file, and whether the weights are a seeded random draw. (The
+    TorchScript opt-in is never stored: a config read from a checkpoint cannot open code.)"""
     clip = clip_config("ViT-B/32", **(_TINY_VIT if random_init and not weights else {}))
-    return {"clip": clip, "weights": str(weights or ""), "allow_torchscript": bool(allow_torchscript),
+    return {"clip": clip, "weights": str(weights or ""),
             "random_init": bool(random_init and not weights), "seed": CALIBRATOR_SEED,
             "note": ("random weights: tests only, not the reference's calibration" if random_init and not weights
                      else "CLIP ViT-B/32 from a local file")}
 
 
-def build_calibrator(calibration: Mapping[str, Any]) -> FrozenCLIP:
+def build_calibrator(calibration: Mapping[str, Any], allow_torchscript: bool = False) -> FrozenCLIP:
     """The frozen ViT a ``calibration`` config describes: loaded from ``weights`` (a ViT CLIP file;
-    its shapes decide the architecture), or drawn from ``seed`` when ``random_init`` (the global RNG
-    is left untouched, so every process and every resume get the same weights). One-line errors."""
+    its shapes decide the architecture; OpenAI's TorchScript archive only with
+    ``allow_torchscript``), or drawn from ``seed`` when ``random_init`` (the global RNG is left
+    untouched, so every process and every resume get the same weights). One-line errors."""
     weights = str(calibration.get("weights") or "")
     if weights:
         if not os.path.isfile(weights):
             raise CalibratorUnavailableError(f"--clip_vitb32 {weights}: file not found")
-        model = load_frozen_clip(weights, allow_torchscript=bool(calibration.get("allow_torchscript", False)))
+        try:
+            model = load_frozen_clip(weights, allow_torchscript=allow_torchscript)
+        except CheckpointError as e:
+            msg = str(e).strip().splitlines()[0]
+            hint = " (--allow_torchscript opts in)" if "TorchScript" in msg else ""
+            raise CalibratorUnavailableError(f"--clip_vitb32: {msg}{hint}") from None
         if not isinstance(model.visual, VisionTransformer):
             raise CalibratorUnavailableError(f"--clip_vitb32 {weights}: a CLIP ResNet, not a ViT (TRIS calibrates "
                                              "with CLIP ViT-B/32)")
@@ -375,13 +381,26 @@ class TRISStage1(_TRISBase):
             object.__setattr__(self, "_calibrator", calib.to(self._device()))
         return self._calibrator
 
+    def load_calibrator(self, path: str | os.PathLike, allow_torchscript: bool = False) -> FrozenCLIP:
+        """Build the calibrator from a local ViT CLIP file now (recorded in ``config['calibration']``);
+        OpenAI's TorchScript ``ViT-B-32.pt`` needs ``allow_torchscript=True`` (it is code)."""
+        calibration = calibration_config(path)
+        calib = build_calibrator(calibration, allow_torchscript=allow_torchscript)
+        calibration["clip"] = dict(calib.config)  # the file's architecture
+        self.config["calibration"] = calibration
+        object.__setattr__(self, "_calibrator", calib.to(self._device()))
+        return calib
+
     def prepare_training(self, calibrator: str | os.PathLike = "", allow_torchscript: bool = False) -> None:
-        """Build the calibrator before training (a given file replaces the config's and is recorded
-        in it); a no-op when the loss has no calibration term."""
-        if calibrator:
-            self.config["calibration"] = calibration_config(calibrator, allow_torchscript=allow_torchscript)
-            object.__setattr__(self, "_calibrator", None)
-        if self.needs_calibrator:
+        """Build the calibrator before training: from ``calibrator`` (a file, which replaces the
+        config's), else from the config (its file, or its seeded random draw). A no-op when the
+        loss has no calibration term; `CalibratorUnavailableError` when there is nothing to build."""
+        if not self.needs_calibrator and not calibrator:
+            return
+        path = str(calibrator or (self.config.get("calibration") or {}).get("weights") or "")
+        if path:
+            self.load_calibrator(path, allow_torchscript=allow_torchscript)
+        else:
             _ = self.calibrator
 
     def _apply(self, fn, recurse: bool = True):
@@ -654,8 +673,7 @@ def build_config(name: str, stage: int | None = None, **options: Any) -> dict[st
                    prompt_weight=PROMPT_WEIGHT, focal_p=3.0, focal_lambda=0.01, loss_weights=dict(STAGE1_LOSS_WEIGHTS),
                    eval_pairing="own",
                    calibration=calibration_config(options.get("clip_vitb32") or "",
-                                                  random_init=options.get("calibrator") == "random",
-                                                  allow_torchscript=bool(options.get("clip_allow_torchscript", False))))
+                                                  random_init=options.get("calibrator") == "random"))
     elif stage == 2:
         w = clip["vision_width"]
         cfg.update(text_dim=clip["transformer_width"], v_chans=[w * 4, w * 8, w * 16, w * 32],

@@ -155,6 +155,7 @@ def test_random_calibrator_is_seeded_and_leaves_the_global_rng_alone():
     assert cfg["calibration"]["random_init"] and "random" in cfg["calibration"]["note"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # writing a TorchScript archive warns
 def test_calibrator_from_a_file_and_one_line_errors(tmp_path):
     vit_cfg = clip_config("ViT-B/32", vision_layers=1, vision_width=64, embed_dim=32, transformer_width=64,
                           transformer_heads=1, transformer_layers=1)
@@ -173,6 +174,10 @@ def test_calibrator_from_a_file_and_one_line_errors(tmp_path):
                                       transformer_width=64, transformer_layers=1)).state_dict(), rn)
     with pytest.raises(tris.CalibratorUnavailableError, match="not a ViT"):
         _tiny().prepare_training(calibrator=str(rn))
+    archive = tmp_path / "ViT-B-32.pt"  # a TorchScript archive is code: refused without the opt-in
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(archive))
+    with pytest.raises(tris.CalibratorUnavailableError, match="TorchScript.*--allow_torchscript"):
+        _tiny().prepare_training(calibrator=str(archive))
     with pytest.raises(tris.CalibratorUnavailableError, match="file not found"):
         _tiny().prepare_training(calibrator=str(tmp_path / "missing.pt"))
     # a config without a calibrator (the real size): training says which flag to give
