@@ -54,9 +54,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip_weights", default="",
                    help="train.py, CLIP models: local CLIP weights for the backbone (a plain state_dict or an "
                         "open_clip file; OpenAI's RN50.pt archive needs --allow_torchscript)")
-    g.add_argument("--allow_torchscript", action="store_true",
-                   help="allow --clip_weights to be a TorchScript archive (OpenAI's RN50.pt): it is code, "
-                        "opened with torch.jit.load; use only files you trust")
+    g.add_argument("--allow_torchscript", "--clip_allow_torchscript", dest="allow_torchscript", action="store_true",
+                   help="allow --clip_weights / --clip_vitb32 to be a TorchScript archive (OpenAI's RN50.pt / "
+                        "ViT-B-32.pt): it is code, opened with torch.jit.load; use only files you trust")
     g.add_argument("--resume", default="", help="checkpoint to resume (train) or evaluate (test)")
     g.add_argument("--non_strict", action="store_true",
                    help="allow a partial checkpoint load (the missing/unexpected keys are printed)")
@@ -110,6 +110,15 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--time_limit", default=None, type=float,
                    help="stop training after this many minutes (checkpoint kept, resumable)")
     g.add_argument("--no_val", action="store_true", help="skip the per-epoch validation")
+    g.add_argument("--lr_multi", default=None, type=float,
+                   help="learning-rate factor of the backbone parameter groups (those a model scales below 1; "
+                        "default: the model's own, e.g. TRIS 0.1)")
+    g.add_argument("--negative_samples", default=None, type=int,
+                   help="hard negative sentences per training sample (default: the model's recipe, TRIS stage 1: 3; "
+                        "0 = none)")
+    g.add_argument("--clip_vitb32", default="",
+                   help="TRIS stage 1: the frozen CLIP ViT-B/32 of the calibration losses, a local file (plain "
+                        "state_dict / open_clip; OpenAI's ViT-B-32.pt archive needs --allow_torchscript)")
     g = p.add_argument_group("evaluation outputs")
     g.add_argument("--save_json", default=None,
                    help="test.py: write metrics and per-expression IoUs to this JSON file (several splits: a folder "

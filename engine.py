@@ -243,6 +243,11 @@ def build_dataset(args: argparse.Namespace, split: str, mode: str, eval_protocol
                                   word_masks=spec.text.word_masks, mean=spec.mean, std=spec.std)
     if args.dataset in datasets.REFER_DATASETS and args.splitBy:
         kwargs["splitBy"] = args.splitBy
+    negatives = getattr(args, "negative_samples", None)  # the model's recipe (TRIS stage 1: 3) or the flag
+    if mode == "train" and negatives:
+        if negatives < 0:
+            raise UserError(f"--negative_samples {negatives}: must be >= 0")
+        kwargs["negative_samples"] = int(negatives)
     try:
         tokenizer = tokenizer_name(spec, args.bert_tokenizer, getattr(args, "clip_bpe", None))
         ds = datasets.build_dataset(args.dataset, args.refer_data_root, split, tokenizer, **kwargs)
