@@ -59,7 +59,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", default=None, help=f"comma-separated: {', '.join(WHATS)} (default forward,train)")
     p.add_argument("--setting", choices=SETTINGS, default=None, help="paper (default) or tiny")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["off", "bf16"], default="off")
+    p.add_argument("--amp", choices=["off", "bf16", "auto"], default="off",
+                   help="off (float32, the default: every recorded number stays comparable), bf16, or auto: what "
+                        "train.py's --amp auto picks on this machine (bf16 with bf16 instructions or a bf16 GPU); "
+                        "records hold the resolved value and amp_requested")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (and OMP_NUM_THREADS)")
     p.add_argument("--passes", type=int, default=None,
@@ -120,6 +123,13 @@ def run_child(args: argparse.Namespace) -> int:
     """One measurement in this (fresh) process; prints its JSON line(s)."""
     model, what = args.child
     args.setting = args.setting or "paper"
+    import utils
+
+    requested = args.amp
+    try:
+        args.amp = utils.resolve_amp(requested, utils.resolve_device(args.device))
+    except utils.DeviceUnavailableError as e:
+        raise BenchError(str(e)) from None
     opts = options(args)
     passes = args.passes or DEFAULT_PASSES.get(what, 1)
     flops = args.flops == "on" or (args.flops == "auto" and opts.device.startswith("cuda"))
@@ -144,6 +154,7 @@ def run_child(args: argparse.Namespace) -> int:
         for rec in records:
             rec["model"] = model
     for rec in records:
+        rec["amp_requested"] = requested
         print(json.dumps(rec), flush=True)
     return 0
 
