@@ -77,13 +77,15 @@ def interleave(rounds: int, ours: Callable[[int], float], original: Callable[[in
     """``rounds`` x (ours, original), in that order; each callable gets the round number and
     returns the median seconds of its fresh process. A `HarnessError` of the original ends the
     comparison (propagated)."""
-    order, ours_s, original_s = [], [], []
+    order, ours_s, original_s, loads = [], [], [], []
     for k in range(rounds):
+        loads.append(round(os.getloadavg()[0], 2))  # the machine's 1-minute load as each run starts
         ours_s.append(ours(k))
         order.append("ours")
+        loads.append(round(os.getloadavg()[0], 2))
         original_s.append(original(k))
         order.append("original")
     ours_med, orig_med = statistics.median(ours_s), statistics.median(original_s)
-    return {"order": order, "rounds": rounds, "ours_s": ours_s, "original_s": original_s,
+    return {"order": order, "rounds": rounds, "ours_s": ours_s, "original_s": original_s, "load_avg_at_start": loads,
             "ours_median_s": round(ours_med, 4), "original_median_s": round(orig_med, 4),
             "ratio_original_over_ours": round(orig_med / ours_med, 3) if ours_med > 0 else None}

@@ -276,6 +276,7 @@ def test_vs_original_interleaves_and_reports_the_ratio(tmp_path, monkeypatch, ca
     assert all(c[3] == ("--amp", "off", "--loss", "ce") for c in calls if c[0] == "ours")
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["comparison"] == "vs_original" and rec["order"] == ["ours", "original"] * 3
+    assert len(rec["load_avg_at_start"]) == 6
     assert rec["ours_s"] == [2.0, 4.0, 3.0] and rec["original_s"] == [4.5] * 3
     assert rec["ours_median_s"] == 3.0 and rec["ratio_original_over_ours"] == 1.5 and rec["passes"] == 3
     # the original failing in the first round: one line, our measurement stands
