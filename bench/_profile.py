@@ -84,8 +84,10 @@ def profile_pass(run: Callable[[], Any], flops_fn: Callable[[], Any], warmup: in
             "achieved_gflops_per_s": round(flops / plain / 1e9, 1), **table}
 
 
-def measure(model_name: str, setting: str, opts: Options, warmup: int, top: int) -> dict[str, Any]:
-    """The ``profile`` record: ``profile.forward`` and ``profile.train`` (see the module docstring)."""
+def measure(model_name: str, setting: str, opts: Options, warmup: int, top: int,
+            parts: tuple[str, ...] = ("forward", "train")) -> dict[str, Any]:
+    """The ``profile`` record: ``profile.forward`` and / or ``profile.train`` (``parts``; see the
+    module docstring)."""
     import torch
 
     import engine
@@ -101,11 +103,14 @@ def measure(model_name: str, setting: str, opts: Options, warmup: int, top: int)
         with torch.no_grad(), engine.autocast(device, opts.amp):
             model(**inputs)
 
-    model.eval()
-    sections = {"forward": profile_pass(forward, forward, warmup, top, device)}
-    model.train()
-    step, forward_backward, zero_grad = training_step_fn(model_name, model, inputs, target, opts, device)
-    sections["train"] = profile_pass(step, forward_backward, warmup, top, device, after_flops=zero_grad)
+    sections = {}
+    if "forward" in parts:
+        model.eval()
+        sections["forward"] = profile_pass(forward, forward, warmup, top, device)
+    if "train" in parts:
+        model.train()
+        step, forward_backward, zero_grad = training_step_fn(model_name, model, inputs, target, opts, device)
+        sections["train"] = profile_pass(step, forward_backward, warmup, top, device, after_flops=zero_grad)
     for sec in sections.values():
         sec["peak_fp32_gflops"] = peak
         sec["pct_of_fp32_peak"] = round(100 * sec["achieved_gflops_per_s"] / peak, 1) if peak else None

@@ -54,7 +54,7 @@ NOT_IN_COMMAND = {"model", "what", "setting", "results", "no_save", "child", "co
                   "ref_harness", "rounds"}
 # Flags that only matter to some measurements.
 ONLY_FOR = {"loss": ("train", "profile"), "adamw": ("train", "profile"), "compile": ("forward", "train"),
-            "workers": ("fit", "eval"), "text": ("data",), "top": ("profile",),
+            "workers": ("fit", "eval"), "text": ("data",), "top": ("profile",), "profile_parts": ("profile",),
             "repeats": ("data",), "passes": ("forward", "train", "fit", "eval"),
             "warmup": ("forward", "train", "fit", "eval", "profile"),
             "flops": ("forward", "train", "fit", "eval"), "peak_tflops": ("forward", "train", "fit", "eval")}
@@ -89,6 +89,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="forward / train: torch.compile the model (inductor); the first pass compiles and is "
                         "the warm-up")
     p.add_argument("--top", type=int, default=15, help="profile: operators listed by self CPU time")
+    p.add_argument("--profile-parts", default="forward,train",
+                   help="profile: forward, train or both (a training step under the profiler needs ~14 GiB at the "
+                        "paper setting)")
     p.add_argument("--workers", type=int, default=0, help="fit/eval: DataLoader workers (0: loading in the loop)")
     p.add_argument("--text", default=None, help="data: text variants masks,ids,builtin (default: the model's)")
     p.add_argument("--repeats", type=int, default=3, help="data: cached starts to time")
@@ -152,7 +155,7 @@ def run_child(args: argparse.Namespace) -> int:
     if what == "profile":
         import _profile
 
-        records = [_profile.measure(model, args.setting, opts, args.warmup, args.top)]
+        records = [_profile.measure(model, args.setting, opts, args.warmup, args.top, profile_parts(args))]
     elif what in ("forward", "train", "flops"):
         import _model
 
@@ -179,6 +182,13 @@ def run_child(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile_parts(args: argparse.Namespace) -> tuple[str, ...]:
+    parts = tuple(x.strip() for x in args.profile_parts.split(",") if x.strip())
+    if not parts or set(parts) - {"forward", "train"}:
+        raise BenchError(f"--profile-parts {args.profile_parts!r}: choose forward, train or forward,train")
+    return parts
+
+
 def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
     models = [m.strip() for m in (args.model or "fianet").split(",") if m.strip()]
     whats = [w.strip() for w in (args.what or "forward,train").split(",") if w.strip()]
@@ -189,6 +199,8 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
         passes = args.passes or DEFAULT_PASSES.get(what, 1)
         if what in ONLY_FOR["passes"] and (args.warmup < 0 or passes <= args.warmup):
             raise BenchError(f"--passes {passes} leaves no timed pass after --warmup {args.warmup} ({what})")
+    if "profile" in whats:
+        profile_parts(args)
     if args.compile and set(whats) - set(ONLY_FOR["compile"]):
         raise BenchError(f"--compile applies to --what forward,train only, got --what {args.what}")
     if args.batch < 1 or args.threads < 1:

@@ -91,7 +91,8 @@ def test_forward_of_every_registered_model_with_flops(tmp_path):
 def test_bad_requests_give_one_line():
     for argv, expect in ((["--what", "nosuch"], "--what"), (["--report", "--results", "/nonexistent/r.jsonl"], "not found"),
                          (["--setting", "tiny", "--what", "forward", "--passes", "1"], "--passes"),
-                         (["--setting", "tiny", "--what", "fit", "--compile"], "--compile")):
+                         (["--setting", "tiny", "--what", "fit", "--compile"], "--compile"),
+                         (["--setting", "tiny", "--what", "profile", "--profile-parts", "backward"], "--profile-parts")):
         proc = bench(*argv, check=False)
         assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and expect in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
