@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+AMP_HELP = ("mixed precision (auto: bf16 on a GPU with bf16 and on a CPU with avx512_bf16 / amx_bf16, fp16 on an "
+            "older GPU, off = float32 elsewhere; the resolved value is logged and stored; OPENRRSIS_AMP pins what "
+            "auto picks)")
 DATASETS = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog", "refclef", "referit_tris")
 
 
@@ -78,7 +82,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
-    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help=AMP_HELP)
     g.add_argument("--seed", default=None, type=int, help="random seed (default: the model's reference seed, e.g. 2401)")
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default="./checkpoints/",
                    help="checkpoints, logs and args.json")
@@ -146,7 +151,8 @@ def get_demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--img_size", default=None, type=int)
     p.add_argument("--max_tokens", default=None, type=int)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help=AMP_HELP)
     p.add_argument("--heatmap", action="store_true",
                    help="also write the model's score map (predict_scores) as a JET overlay (*_heatmap.png)")
     return p
@@ -237,8 +243,8 @@ def get_predict_parser() -> argparse.ArgumentParser:
                    help="class vocabulary for FIANet word masks: rrsisd or refsegrs (default: the training dataset)")
     g.add_argument("--max_tokens", default=None, type=int, help="token limit (default: the training one)")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
-    g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help=AMP_HELP)
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 

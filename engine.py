@@ -286,7 +286,10 @@ def eval_loader(ds, batch_size: int, workers: int, pin: bool, info: utils.DistIn
 # Forward passes
 # --------------------------------------------------------------------------------------------
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 / fp16 autocast on the device, or nothing for ``--amp off``."""
+    """bf16 / fp16 autocast on the device, or nothing for ``--amp off`` (``auto`` must have been
+    resolved by `utils.resolve_amp` first)."""
+    if amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"amp {amp!r}: resolve --amp with utils.resolve_amp before running a model")
     if amp == "off":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
