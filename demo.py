@@ -83,6 +83,7 @@ def run(args) -> int:
         model = engine.model_from_checkpoint(ckpt, args.resume, None)
     del ckpt
     model.to(device).eval()
+    engine.prepare_for_inference(model, device, quantize=args.quantize, channels_last=args.channels_last)
     spec = engine.spec_of(model)
 
     tokenizer_dir = engine.tokenizer_name(spec, args.bert_tokenizer or saved.get("bert_tokenizer"), saved.get("clip_bpe"))
@@ -107,7 +108,7 @@ def run(args) -> int:
     texts = encode_sentences(texts_in, tokenizer_dir, max_tokens, spec.text.word_masks, dataset)
     batch = {"image": image[None].expand(len(texts_in), -1, -1, -1), **texts}
     batch = engine.to_device(batch, device)
-    with torch.no_grad(), engine.autocast(device, args.amp):
+    with engine.inference_context(args.inference_mode), engine.autocast(device, args.amp):
         outputs = model(**engine.model_inputs(batch, spec.inputs))
     # The model's own decision rule at the image's own resolution.
     masks = model.predict_mask(outputs, (height, width)).cpu().numpy().astype(bool)
