@@ -63,6 +63,7 @@ def run(args) -> int:
     empty = [i for i, t in enumerate(texts_in) if not t]
     if empty:
         raise UserError(f"--text number {empty[0] + 1} is empty: give the sentence that names the object")
+    engine.check_quantize_device(args.quantize, args.device)  # before opening the device
     device = utils.resolve_device(args.device)
     ckpt = engine.read_checkpoint(args.resume)
     saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}

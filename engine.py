@@ -415,14 +415,23 @@ def prepare_for_inference(model: nn.Module, device: torch.device, *, quantize: s
             raise UserError(f"--channels_last {channels_last}: the {name} model has no channels-last decoder "
                             f"switch (only 'auto' applies to it)")
         switch(channels_last == "on")
-    if quantize not in ("off", "int8"):
-        raise UserError(f"--quantize {quantize!r}: choose off or int8")
+    check_quantize_device(quantize, device)
     if quantize == "int8":
-        if device.type != "cpu":
-            raise UserError(f"--quantize int8: dynamic int8 quantisation runs on the CPU only, not on --device "
-                            f"{device}; use --device cpu or --quantize off")
         quantize_int8(inner)
     return model
+
+
+def check_quantize_device(quantize: str, device: torch.device | str) -> None:
+    """One-line ``UserError`` unless ``--quantize`` is off or the device is the CPU (PyTorch's
+    dynamically quantised Linear has CPU kernels only). Entry points call it with the ``--device``
+    flag before opening the device, and `prepare_for_inference` again with the resolved one
+    (``--device auto`` on a GPU machine)."""
+    if quantize not in ("off", "int8"):
+        raise UserError(f"--quantize {quantize!r}: choose off or int8")
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if quantize == "int8" and kind not in ("cpu", "auto"):
+        raise UserError(f"--quantize int8: dynamic int8 quantisation runs on the CPU only, not on --device "
+                        f"{device}; use --device cpu or --quantize off")
 
 
 def inference_context(inference_mode: bool | str = True) -> contextlib.AbstractContextManager:

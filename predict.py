@@ -222,6 +222,7 @@ def run(args) -> int:
     for flag, v in (("--min_area", args.min_area), ("--simplify", args.simplify)):
         if v < 0:
             raise UserError(f"{flag} {v}: must be >= 0")
+    engine.check_quantize_device(args.quantize, args.device)  # before opening the device
     device = utils.resolve_device(args.device)
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
     reader = open_scene(args.scene)

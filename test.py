@@ -101,6 +101,7 @@ class PredictionWriter:
 
 
 def run(args) -> int:
+    engine.check_quantize_device(getattr(args, "quantize", "off"), args.device)  # before opening the device
     info = utils.init_distributed(args.device)
     ckpt = engine.read_checkpoint(args.resume)
     stored = engine.checkpoint_model_name(ckpt)
