@@ -181,9 +181,9 @@ def test_inference_mode_gives_the_masks_of_no_grad(tiny, monkeypatch):
     model = _model(tiny)
     masks = {}
     for flag in (True, False):
-        preds = []
+        preds: list[torch.Tensor] = []
         loader = torch.utils.data.DataLoader(ds, batch_size=4)
-        summary = engine.evaluate(model, loader, torch.device("cpu"), on_batch=lambda b, p, i: preds.append(p.clone()),
+        summary = engine.evaluate(model, loader, torch.device("cpu"), on_batch=lambda b, p, i, out=preds: out.append(p),
                                   show_progress=False, inference_mode=flag)
         masks[flag] = (torch.cat(preds), summary)
     assert torch.equal(masks[True][0], masks[False][0])
