@@ -50,7 +50,8 @@ NOT_IN_COMMAND = {"model", "what", "setting", "results", "no_save", "child", "co
 # Flags that only matter to some measurements.
 ONLY_FOR = {"loss": ("train",), "adamw": ("train",), "compile": ("forward", "train"), "workers": ("fit", "eval"), "text": ("data",),
             "repeats": ("data",), "passes": ("forward", "train", "fit", "eval"), "warmup": ("forward", "train", "fit", "eval"),
-            "flops": ("forward", "train", "fit", "eval"), "peak_tflops": ("forward", "train", "fit", "eval")}
+            "flops": ("forward", "train", "fit", "eval"), "peak_tflops": ("forward", "train", "fit", "eval"),
+            "quantize": ("forward", "eval")}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -78,6 +79,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="forward / train: torch.compile the model (inductor); the first pass compiles and is "
                         "the warm-up")
+    p.add_argument("--quantize", choices=["off", "int8"], default="off",
+                   help="forward / eval: dynamic int8 nn.Linear layers (engine.quantize_int8, as test.py --quantize "
+                        "int8); CPU only")
     p.add_argument("--workers", type=int, default=0, help="fit/eval: DataLoader workers (0: loading in the loop)")
     p.add_argument("--text", default=None, help="data: text variants masks,ids,builtin (default: the model's)")
     p.add_argument("--repeats", type=int, default=3, help="data: cached starts to time")
@@ -97,7 +101,8 @@ def get_parser() -> argparse.ArgumentParser:
 def options(args: argparse.Namespace) -> Options:
     return Options(device=args.device, amp=args.amp, batch=args.batch, threads=args.threads,
                    plain_attention=args.plain_attention, reference_ops=args.reference_ops, grad_ckpt=args.grad_ckpt,
-                   channels_last=args.channels_last, loss=args.loss, adamw=args.adamw, compile=args.compile)
+                   channels_last=args.channels_last, loss=args.loss, adamw=args.adamw, compile=args.compile,
+                   quantize=args.quantize)
 
 
 def command_for(args: argparse.Namespace, model: str, what: str) -> str:
@@ -160,6 +165,9 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
             raise BenchError(f"--passes {passes} leaves no timed pass after --warmup {args.warmup} ({what})")
     if args.compile and set(whats) - set(ONLY_FOR["compile"]):
         raise BenchError(f"--compile applies to --what forward,train only, got --what {args.what}")
+    if args.quantize != "off" and (set(whats) - set(ONLY_FOR["quantize"]) or not args.device.startswith("cpu")):
+        raise BenchError(f"--quantize {args.quantize}: applies to --what forward,eval on --device cpu only, got "
+                         f"--what {args.what or 'forward,train'} --device {args.device}")
     if args.batch < 1 or args.threads < 1:
         raise BenchError(f"--batch and --threads must be positive, got {args.batch} and {args.threads}")
     from lib.registry import available_models
