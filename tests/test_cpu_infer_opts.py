@@ -248,3 +248,30 @@ def test_flags_are_defined_once_for_the_three_entry_points():
         assert {k: dests[k] for k in engine.INFERENCE_DEFAULTS} == engine.INFERENCE_DEFAULTS
     assert "quantize" not in {a.dest for a in args_lib.get_parser()._actions}  # train.py has no such option
     assert engine.inference_options(args_lib.get_parser().parse_args([])) == engine.INFERENCE_DEFAULTS
+
+
+
+def test_bench_quantize_option_is_applied_recorded_and_refused_where_it_does_not_apply(capsys):
+    bench_dir = ROOT / "bench"
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))
+    import _common
+    import _model
+    import _report
+
+    spec = importlib.util.spec_from_file_location("openrrsis_bench_run", bench_dir / "run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    args = bench_run.get_parser().parse_args(["--setting", "tiny", "--quantize", "int8"])
+    opts = bench_run.options(args)
+    assert opts.quantize == "int8" and "--quantize int8" in bench_run.command_for(args, "lavt_one", "forward")
+    assert "--quantize" not in bench_run.command_for(args, "lavt_one", "data")  # only forward / eval take it
+    model = _model.build("lavt_one", "tiny", opts, torch.device("cpu"))[0]
+    assert not [m for m in model.modules() if type(m) is nn.Linear]
+    assert [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    rec = _common.base_record("lavt_one", "forward", "tiny", opts, 96, 12)
+    assert rec["quantize"] == "int8" and "quantize=int8" in _report.options_label(rec)
+    for argv in (["--what", "train"], ["--what", "forward", "--device", "cuda"]):
+        assert bench_run.main(["--setting", "tiny", "--quantize", "int8", "--no-save", *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --quantize int8"), lines
