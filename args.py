@@ -95,8 +95,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="accepted for the legacy launcher and ignored (torchrun sets LOCAL_RANK)")
 
 
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    """The inference options of test.py, demo.py and predict.py (one group, defined once)."""
+    g = p.add_argument_group("inference (test.py, demo.py, predict.py)")
+    g.add_argument("--quantize", default="off", choices=["off", "int8"],
+                   help="int8: dynamic int8 quantisation of the nn.Linear layers (qint8 weights, activations "
+                        "quantised per batch) after the checkpoint is loaded; CPU only; changes the numbers "
+                        "slightly (BENCHMARKS.md, 'CPU inference options')")
+    g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                   help="channels-last (NHWC) decoder layout: auto = CUDA only, on / off force it (LAVT-family "
+                        "decoders only); the numbers stay the same up to float rounding")
+    g.add_argument("--inference_mode", default="on", choices=["on", "off"],
+                   help="on: run under torch.inference_mode; off: torch.no_grad (same numbers)")
+
+
 def get_parser() -> argparse.ArgumentParser:
-    """The parser shared by train.py and test.py."""
+    """The parser shared by train.py and test.py (test.py adds `add_inference_flags`: `get_test_parser`)."""
     p = argparse.ArgumentParser(description="OpenRRSIS training and evaluation", allow_abbrev=False)
     _add_common(p)
     g = p.add_argument_group("training")
@@ -133,6 +147,13 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def get_test_parser() -> argparse.ArgumentParser:
+    """test.py: `get_parser` plus the inference options."""
+    p = get_parser()
+    add_inference_flags(p)
+    return p
+
+
 def get_demo_parser() -> argparse.ArgumentParser:
     """demo.py: one image, one or more sentences."""
     p = argparse.ArgumentParser(description="Segment the object a sentence refers to", allow_abbrev=False)
@@ -155,6 +176,7 @@ def get_demo_parser() -> argparse.ArgumentParser:
                    help=AMP_HELP)
     p.add_argument("--heatmap", action="store_true",
                    help="also write the model's score map (predict_scores) as a JET overlay (*_heatmap.png)")
+    add_inference_flags(p)
     return p
 
 
@@ -246,6 +268,7 @@ def get_predict_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help=AMP_HELP)
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_inference_flags(p)
     return p
 
 

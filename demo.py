@@ -63,6 +63,7 @@ def run(args) -> int:
     empty = [i for i, t in enumerate(texts_in) if not t]
     if empty:
         raise UserError(f"--text number {empty[0] + 1} is empty: give the sentence that names the object")
+    engine.check_quantize_device(args.quantize, args.device)  # before opening the device
     device = utils.resolve_device(args.device)
     args.amp = utils.resolve_amp(args.amp, device, log_prefix="[demo]")
     ckpt = engine.read_checkpoint(args.resume)
@@ -84,6 +85,7 @@ def run(args) -> int:
         model = engine.model_from_checkpoint(ckpt, args.resume, None)
     del ckpt
     model.to(device).eval()
+    engine.prepare_for_inference(model, device, quantize=args.quantize, channels_last=args.channels_last)
     spec = engine.spec_of(model)
 
     tokenizer_dir = engine.tokenizer_name(spec, args.bert_tokenizer or saved.get("bert_tokenizer"), saved.get("clip_bpe"))
@@ -108,7 +110,7 @@ def run(args) -> int:
     texts = encode_sentences(texts_in, tokenizer_dir, max_tokens, spec.text.word_masks, dataset)
     batch = {"image": image[None].expand(len(texts_in), -1, -1, -1), **texts}
     batch = engine.to_device(batch, device)
-    with torch.no_grad(), engine.autocast(device, args.amp):
+    with engine.inference_context(args.inference_mode), engine.autocast(device, args.amp):
         outputs = model(**engine.model_inputs(batch, spec.inputs))
     # The model's own decision rule at the image's own resolution.
     masks = model.predict_mask(outputs, (height, width)).cpu().numpy().astype(bool)

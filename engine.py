@@ -341,12 +341,130 @@ def all_finite(outputs: Any) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------------------------
+# Inference options (test.py / demo.py / predict.py: --quantize, --channels_last, --inference_mode)
+# --------------------------------------------------------------------------------------------
+# The defaults of the inference flags: the options that leave every number unchanged.
+INFERENCE_DEFAULTS: dict[str, str] = {"quantize": "off", "channels_last": "auto", "inference_mode": "on"}
+
+# Modules whose forward passes the weights of their nn.Linear children to a functional op
+# (``F.multi_head_attention_forward(q_proj_weight=self.q_proj.weight, ...)``) instead of calling
+# them: a dynamically quantised Linear has no float ``.weight`` tensor, so these stay float.
+# Matched by class name so that engine need not import every model file.
+FLOAT_LINEAR_OWNERS: tuple[str, ...] = ("AttentionPool2d",)  # CLIP RN50's attention pooling (TRIS)
+
+
+def inference_options(args: argparse.Namespace) -> dict[str, str]:
+    """The inference flags of a parsed command line (defaults for a namespace without them, e.g.
+    one from `args.get_parser`), as recorded in test.py's results JSON."""
+    return {k: str(getattr(args, k, None) or v) for k, v in INFERENCE_DEFAULTS.items()}
+
+
+def float_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the nn.Linear modules `quantize_int8` keeps in float32: the Linear
+    children of the modules in `FLOAT_LINEAR_OWNERS`."""
+    names = []
+    for owner_name, owner in model.named_modules():
+        if type(owner).__name__ in FLOAT_LINEAR_OWNERS:
+            for child_name, child in owner.named_children():
+                if type(child) is nn.Linear:
+                    names.append(f"{owner_name}.{child_name}" if owner_name else child_name)
+    return names
+
+
+def quantize_int8(model: nn.Module) -> dict[str, int]:
+    """Dynamic int8 quantisation of the model's nn.Linear layers, in place (CPU inference only).
+
+    ``torch.ao.quantization.quantize_dynamic``: every ``nn.Linear`` (the BERT layers, the Swin
+    attention qkv / projection and MLP layers, the fusion modules' Linear layers) becomes a
+    ``DynamicQuantizedLinear`` with qint8 weights (one scale per output channel) whose input is
+    quantised to uint8 per batch from its observed range, and the int8 GEMM's result is returned
+    in float32. Convolutions, LayerNorm / BatchNorm, attention products and the 1x1 projections
+    written as convolutions stay float32; so do ``nn.MultiheadAttention``'s projections (PyTorch
+    excludes its ``out_proj`` by type) and the Linear layers listed by `float_linear_names`.
+
+    Returns ``{"quantized": n, "kept_float": m}`` (counts of Linear layers).
+    """
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:  # torch.ao.quantization is deprecated and may leave a future torch
+        raise UserError(f"--quantize int8: this torch ({torch.__version__}) has no "
+                        f"torch.ao.quantization.quantize_dynamic; use --quantize off") from None
+    keep = float_linear_names(model)
+    total = sum(1 for m in model.modules() if type(m) is nn.Linear)
+    spec: dict[Any, Any] = {nn.Linear: per_channel_dynamic_qconfig}
+    spec.update({name: None for name in keep})  # a name entry overrides the type entry for that module
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch 2.10+ marks torch.ao.quantization (and quantised tensor creation) deprecated; the
+        # eager API still works and is what this option documents.
+        warnings.filterwarnings("ignore", message=r".*(torch\.ao\.quantization|quantize_per_tensor).*")
+        quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+    left = sum(1 for m in model.modules() if type(m) is nn.Linear)
+    return {"quantized": total - left, "kept_float": left}
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device, *, quantize: str = "off",
+                          channels_last: str = "auto") -> nn.Module:
+    """A loaded model made ready for test.py / demo.py / predict.py: ``eval()``, the decoder
+    layout of ``--channels_last`` (``auto``: the model's own default, i.e. channels-last on CUDA
+    only; ``on`` / ``off`` force it) and ``--quantize int8`` (`quantize_int8`, CPU only). The
+    model must already be on ``device``. One-line ``UserError`` for an option the model or the
+    device cannot take. Returns the same module."""
+    model.eval()
+    inner = _unwrapped(model)
+    name = getattr(inner, "config", {}).get("model", type(inner).__name__)
+    if channels_last not in ("auto", "on", "off"):
+        raise UserError(f"--channels_last {channels_last!r}: choose auto, on or off")
+    if channels_last != "auto":
+        switch = getattr(inner, "set_channels_last", None)
+        if not callable(switch):
+            raise UserError(f"--channels_last {channels_last}: the {name} model has no channels-last decoder "
+                            f"switch (only 'auto' applies to it)")
+        switch(channels_last == "on")
+    check_quantize_device(quantize, device)
+    if quantize == "int8":
+        quantize_int8(inner)
+    return model
+
+
+def check_quantize_device(quantize: str, device: torch.device | str) -> None:
+    """One-line ``UserError`` unless ``--quantize`` is off or the device is the CPU (PyTorch's
+    dynamically quantised Linear has CPU kernels only). Entry points call it with the ``--device``
+    flag before opening the device, and `prepare_for_inference` again with the resolved one
+    (``--device auto`` on a GPU machine)."""
+    if quantize not in ("off", "int8"):
+        raise UserError(f"--quantize {quantize!r}: choose off or int8")
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if quantize == "int8" and kind not in ("cpu", "auto"):
+        raise UserError(f"--quantize int8: dynamic int8 quantisation runs on the CPU only, not on --device "
+                        f"{device}; use --device cpu or --quantize off")
+
+
+def inference_context(inference_mode: bool | str = True) -> contextlib.AbstractContextManager:
+    """``torch.inference_mode()`` (``--inference_mode on``, the default) or ``torch.no_grad()``.
+    Both compute the same numbers; inference mode also skips autograd's version counters and view
+    tracking, and its tensors cannot enter autograd later."""
+    on = inference_mode not in (False, "off")
+    return torch.inference_mode() if on else torch.no_grad()
+
+
 OnBatch = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], None]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: str = "off",
-             on_batch: OnBatch | None = None, show_progress: bool = True, desc: str = "eval") -> dict[str, Any]:
+             on_batch: OnBatch | None = None, show_progress: bool = True, desc: str = "eval",
+             inference_mode: bool = True) -> dict[str, Any]:
+    """`evaluate_batches` under ``torch.inference_mode`` (default) or ``torch.no_grad``
+    (``inference_mode=False``): the same numbers either way."""
+    with inference_context(inference_mode):
+        return evaluate_batches(model, loader, device, amp, on_batch, show_progress, desc)
+
+
+def evaluate_batches(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: str = "off",
+                     on_batch: OnBatch | None = None, show_progress: bool = True,
+                     desc: str = "eval") -> dict[str, Any]:
     """Reference metrics over a loader (batched; sums stay on the device; reduced over ranks).
 
     ``on_batch(batch, pred, iou)`` receives every batch's predictions (B, H, W) and per-sample IoUs,

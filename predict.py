@@ -66,7 +66,8 @@ class TileScorer:
     """
 
     def __init__(self, checkpoint_path: str, device: torch.device, amp: str, tokenizer_dir: str | None = None,
-                 dataset: str | None = None, max_tokens: int | None = None) -> None:
+                 dataset: str | None = None, max_tokens: int | None = None, quantize: str = "off",
+                 channels_last: str = "auto", inference_mode: str = "on") -> None:
         ckpt = engine.read_checkpoint(checkpoint_path)
         if engine.checkpoint_model_name(ckpt) is None:
             raise UserError(f"--resume {checkpoint_path}: not an OpenRRSIS checkpoint (no model config inside); "
@@ -76,7 +77,9 @@ class TileScorer:
         self.model = engine.model_from_checkpoint(ckpt, checkpoint_path, None)
         del ckpt
         self.model.to(device).eval()
+        engine.prepare_for_inference(self.model, device, quantize=quantize, channels_last=channels_last)
         self.device, self.amp = device, amp
+        self.inference_mode = inference_mode
         # The model's spec names its forward inputs, normalisation, default size and token limit.
         spec = engine.spec_of(self.model)
         self._input_keys = tuple(spec.inputs)
@@ -117,15 +120,17 @@ class TileScorer:
         self._last = (tiles, batch)
         return batch
 
-    @torch.no_grad()
     def scores(self, tiles: np.ndarray, sentence: str) -> np.ndarray:
-        b, h, w = tiles.shape[:3]
-        text = {k: v.expand(b, -1) for k, v in self._text(sentence).items()}
-        batch = {"image": self._images(tiles), **text}
-        inputs = engine.model_inputs(engine.to_device(batch, self.device), self._input_keys)
-        with engine.autocast(self.device, self.amp):
-            outputs = self.model(**inputs)
-        return self.model.predict_scores(outputs, (h, w)).float().cpu().numpy()
+        # The cached text / tile tensors are only read, never changed in place, so inference
+        # tensors are safe to keep between calls.
+        with engine.inference_context(self.inference_mode):
+            b, h, w = tiles.shape[:3]
+            text = {k: v.expand(b, -1) for k, v in self._text(sentence).items()}
+            batch = {"image": self._images(tiles), **text}
+            inputs = engine.model_inputs(engine.to_device(batch, self.device), self._input_keys)
+            with engine.autocast(self.device, self.amp):
+                outputs = self.model(**inputs)
+            return self.model.predict_scores(outputs, (h, w)).float().cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,11 +222,13 @@ def run(args) -> int:
     for flag, v in (("--min_area", args.min_area), ("--simplify", args.simplify)):
         if v < 0:
             raise UserError(f"{flag} {v}: must be >= 0")
+    engine.check_quantize_device(args.quantize, args.device)  # before opening the device
     device = utils.resolve_device(args.device)
     amp = utils.resolve_amp(args.amp, device, log_prefix="[predict]")
     reader = open_scene(args.scene)
     try:
-        scorer = TileScorer(args.resume, device, amp, args.bert_tokenizer, args.dataset, args.max_tokens)
+        scorer = TileScorer(args.resume, device, amp, args.bert_tokenizer, args.dataset, args.max_tokens,
+                            quantize=args.quantize, channels_last=args.channels_last, inference_mode=args.inference_mode)
         plan, scale = plan_tiles(args, reader, scorer)
         info = reader.info
         out = Path(args.out)
@@ -292,6 +299,7 @@ def run(args) -> int:
             "scene": info.path, "width": info.width, "height": info.height, "crs": info.crs_text(),
             "transform": list(info.transform)[:6], "georeferenced": info.georeferenced,
             "model": scorer.model_name, "checkpoint": args.resume, "device": str(device), "amp": amp,
+            "inference": engine.inference_options(args),
             "tile": plan.tile, "overlap_px": plan.overlap, "blend": plan.blend, "batch_size": plan.batch_size,
             "threshold": plan.threshold, "mode": mode, "topk": topk if mode == "topk" else None,
             "context_pass": bool(args.context_pass), "scale": scale,

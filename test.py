@@ -101,6 +101,7 @@ class PredictionWriter:
 
 
 def run(args) -> int:
+    engine.check_quantize_device(getattr(args, "quantize", "off"), args.device)  # before opening the device
     info = utils.init_distributed(args.device)
     args.amp = utils.resolve_amp(args.amp, info.device, log_prefix="[test]" if info.is_main else None)
     ckpt = engine.read_checkpoint(args.resume)
@@ -128,6 +129,9 @@ def run(args) -> int:
     model = engine.model_from_checkpoint(ckpt, args.resume, args if not stored else None, strict=not args.non_strict)
     del ckpt
     model.to(info.device).eval()
+    inference = engine.inference_options(args)  # --quantize / --channels_last / --inference_mode
+    engine.prepare_for_inference(model, info.device, quantize=inference["quantize"],
+                                 channels_last=inference["channels_last"])
 
     try:
         splits = results_lib.split_datasets(
@@ -149,13 +153,15 @@ def run(args) -> int:
         writer = PredictionWriter(masks_dir, args.vis, vis_dir, info.rank)
         recorder = results_lib.ExpressionRecorder()
         summary = engine.evaluate(model, loader, info.device, args.amp, on_batch=results_lib.chain(writer, recorder),
-                                  desc=f"{args.dataset} {split}")
+                                  desc=f"{args.dataset} {split}", inference_mode=inference["inference_mode"] == "on")
         writer.finish()
         expressions = recorder.gather()
         if info.is_main:
             gt_size = ", ground truth at the original resolution" if summary.get("resolution") == "original" else ""
+            options = "".join(f", {k.replace('_', '-')} {v}" for k, v in inference.items()
+                              if v != engine.INFERENCE_DEFAULTS[k])
             title = (f"{name} on {args.dataset} {split} ({args.eval_protocol} protocol, "
-                     f"{args.img_size}x{args.img_size}{gt_size})")
+                     f"{args.img_size}x{args.img_size}{gt_size}{options})")
             print(utils.format_results_table(summary, title))
             records.append(results_lib.build_record(
                 summary, expressions, model=name, dataset=args.dataset, split=split,
@@ -163,6 +169,7 @@ def run(args) -> int:
                 img_size=args.img_size, checkpoint=checkpoint, config=getattr(model, "config", None),
                 train_args=saved_args))
             records[-1]["amp"] = args.amp  # the resolved --amp the numbers were computed with
+            records[-1]["inference"] = inference  # the options that produced these numbers
             if masks_dir:
                 print(f"[test] {summary['num_samples']} masks written to {masks_dir} (index.jsonl maps files)")
             if args.vis:
@@ -174,7 +181,7 @@ def run(args) -> int:
 
 
 def main() -> int:
-    return run(args_lib.get_parser().parse_args())
+    return run(args_lib.get_test_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class Options:
     loss: str = "ce"             # train: ce (plain cross-entropy, the original's protocol) or model
     adamw: str = "fused"         # train: "fused" AdamW or PyTorch's "default" choice (for-loop on CPU)
     compile: bool = False        # forward / train: torch.compile (inductor) the model; compiling = warm-up
+    quantize: str = "off"        # forward / eval: "int8" = dynamic int8 nn.Linear layers (CPU)
 
     @property
     def fast_paths(self) -> bool:
@@ -84,6 +85,14 @@ def check_model_options(model, opts: Options) -> None:
     if opts.channels_last != "auto" and not hasattr(model, "set_channels_last"):
         raise BenchError(f"--channels-last {opts.channels_last}: {type(model).__name__} has no decoder layout switch "
                          f"(only 'auto' applies to it)")
+
+
+def prepare_inference(model, opts: Options, device) -> None:
+    """``--quantize int8``: the built model's nn.Linear layers quantised as test.py does."""
+    if opts.quantize != "off":
+        import engine
+
+        engine.prepare_for_inference(model, device, quantize=opts.quantize)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +291,7 @@ def base_record(model: str, what: str, setting: str, opts: Options, image: int |
         "batch": opts.batch, "threads": opts.threads, "image": image, "tokens": tokens,
         "fused_attn": opts.fast_paths, "reference_ops": opts.reference_ops, "grad_ckpt": opts.grad_ckpt,
         "channels_last": opts.channels_last, "loss": opts.loss, "adamw": opts.adamw, "compile": opts.compile,
+        "quantize": opts.quantize,
         "torch": torch.__version__, "python": platform.python_version(), "machine": machine(opts.device, opts.threads),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

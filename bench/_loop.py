@@ -34,6 +34,7 @@ from _common import (
     check_model_options,
     count_flops,
     peak_memory,
+    prepare_inference,
     prepare_torch,
     setting_config,
     summarise,
@@ -92,6 +93,7 @@ def measure(model_name: str, what: str, setting: str, opts: Options, passes: int
         torch.manual_seed(0)
         model = build_model(cfg).to(device)
         check_model_options(model, opts)
+        prepare_inference(model, opts, device)
         rec = base_record(model_name, what, setting, opts, size, tokens)
         # fit: the model's own loss and train.py's AdamW (fused on CUDA only); eval: no loss.
         rec.update({"loss": "model" if what == "fit" else None,

@@ -27,6 +27,7 @@ from _common import (
     check_model_options,
     count_flops,
     peak_memory,
+    prepare_inference,
     prepare_torch,
     setting_config,
     summarise,
@@ -68,6 +69,7 @@ def build(model_name: str, setting: str, opts: Options, device):
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     check_model_options(model, opts)
+    prepare_inference(model, opts, device)
     inputs, target = make_inputs(cfg, opts.batch, size, tokens, device)
     inputs = {k: inputs[k] for k in model.spec.inputs}
     return model, cfg, size, tokens, inputs, target

@@ -28,6 +28,8 @@ def options_label(rec: dict[str, Any]) -> str:
         out.append("grad-ckpt")
     if rec.get("compile"):
         out.append("compile")
+    if rec.get("quantize", "off") != "off":
+        out.append(f"quantize={rec['quantize']}")
     if rec.get("channels_last", "auto") != "auto":
         out.append(f"channels-last={rec['channels_last']}")
     if rec.get("what") == "train":  # fit always uses the model's loss and train.py's optimiser

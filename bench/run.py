@@ -57,7 +57,8 @@ ONLY_FOR = {"loss": ("train", "profile"), "adamw": ("train", "profile"), "compil
             "workers": ("fit", "eval"), "text": ("data",), "top": ("profile",), "profile_parts": ("profile",),
             "repeats": ("data",), "passes": ("forward", "train", "fit", "eval"),
             "warmup": ("forward", "train", "fit", "eval", "profile"),
-            "flops": ("forward", "train", "fit", "eval"), "peak_tflops": ("forward", "train", "fit", "eval")}
+            "flops": ("forward", "train", "fit", "eval"), "peak_tflops": ("forward", "train", "fit", "eval"),
+            "quantize": ("forward", "eval")}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -92,6 +93,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-parts", default="forward,train",
                    help="profile: forward, train or both (a training step under the profiler needs ~14 GiB at the "
                         "paper setting)")
+    p.add_argument("--quantize", choices=["off", "int8"], default="off",
+                   help="forward / eval: dynamic int8 nn.Linear layers (engine.quantize_int8, as test.py --quantize "
+                        "int8); CPU only")
     p.add_argument("--workers", type=int, default=0, help="fit/eval: DataLoader workers (0: loading in the loop)")
     p.add_argument("--text", default=None, help="data: text variants masks,ids,builtin (default: the model's)")
     p.add_argument("--repeats", type=int, default=3, help="data: cached starts to time")
@@ -119,7 +123,8 @@ def get_parser() -> argparse.ArgumentParser:
 def options(args: argparse.Namespace) -> Options:
     return Options(device=args.device, amp=args.amp, batch=args.batch, threads=args.threads,
                    plain_attention=args.plain_attention, reference_ops=args.reference_ops, grad_ckpt=args.grad_ckpt,
-                   channels_last=args.channels_last, loss=args.loss, adamw=args.adamw, compile=args.compile)
+                   channels_last=args.channels_last, loss=args.loss, adamw=args.adamw, compile=args.compile,
+                   quantize=args.quantize)
 
 
 def command_for(args: argparse.Namespace, model: str, what: str) -> str:
@@ -203,6 +208,9 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
         profile_parts(args)
     if args.compile and set(whats) - set(ONLY_FOR["compile"]):
         raise BenchError(f"--compile applies to --what forward,train only, got --what {args.what}")
+    if args.quantize != "off" and (set(whats) - set(ONLY_FOR["quantize"]) or not args.device.startswith("cpu")):
+        raise BenchError(f"--quantize {args.quantize}: applies to --what forward,eval on --device cpu only, got "
+                         f"--what {args.what or 'forward,train'} --device {args.device}")
     if args.batch < 1 or args.threads < 1:
         raise BenchError(f"--batch and --threads must be positive, got {args.batch} and {args.threads}")
     from lib.registry import available_models
