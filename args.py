@@ -285,3 +285,39 @@ def get_predict_parser() -> argparse.ArgumentParser:
                    help="mixed precision (auto: bf16 on CUDA, off on CPU)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
+
+
+def pseudo_masks_parser() -> argparse.ArgumentParser:
+    """tools/pseudo_masks.py: TRIS pseudo masks from PRMS maps (IRNet, or the reduced threshold
+    variants). The IRNet flag names and defaults are those of IRNet's ``run_sample.py``."""
+    p = argparse.ArgumentParser(description="Pseudo masks from PRMS response maps (IRNet or thresholding)",
+                                allow_abbrev=False)
+    p.add_argument("--prms", required=True, help="PRMS folder (index.jsonl + .npy maps)")
+    p.add_argument("--out", required=True, help="output folder (index.jsonl, masks/, config.json, summary.json)")
+    p.add_argument("--method", default="irnet", choices=["irnet", "threshold", "threshold+crf"],
+                   help="irnet (seeds -> IRNet -> random walk) or the reduced variants: the map thresholded at "
+                        "--conf_fg_thres, optionally refined by the dense CRF")
+    p.add_argument("--crf", default="auto", choices=["auto", "dense", "approx"],
+                   help="dense CRF back-end: dense = pydensecrf, approx = the built-in PyTorch approximation, "
+                        "auto = dense when pydensecrf is importable")
+    p.add_argument("--irn_backbone", default=None,
+                   help="torchvision ResNet-50 ImageNet state_dict (.pth loaded weights_only, or .safetensors)")
+    g = p.add_argument_group("IRNet (names and defaults of the original)")
+    g.add_argument("--conf_fg_thres", default=0.3, type=float, help="background score of the foreground seed pass")
+    g.add_argument("--conf_bg_thres", default=0.1, type=float, help="background score of the background seed pass")
+    g.add_argument("--irn_crop_size", default=512, type=int, help="training crop side")
+    g.add_argument("--irn_batch_size", default=32, type=int)
+    g.add_argument("--irn_num_epoches", default=3, type=int)
+    g.add_argument("--irn_learning_rate", default=0.1, type=float, help="boundary heads (displacement heads: 10x)")
+    g.add_argument("--irn_weight_decay", default=1e-4, type=float)
+    g.add_argument("--beta", default=10.0, type=float, help="power of the random-walk affinities")
+    g.add_argument("--exp_times", default=8, type=int, help="the transition matrix is applied 2^exp_times times")
+    g.add_argument("--ins_seg_bg_thres", default=0.25, type=float, help="background score of the instance masks")
+    g = p.add_argument_group("run")
+    g.add_argument("--tiny", action="store_true",
+                   help="tests: a tiny random frozen backbone, crop 128, batch 4, 8 epochs (not a real result)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    g.add_argument("--workers", default=0, type=int, help="data-loader workers for IRNet training")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
