@@ -169,6 +169,8 @@ def get_pipeline_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_bpe", default=None, help="a local bpe_simple_vocab_16e6.txt.gz")
     p.add_argument("--no_diagnostic", action="store_true",
                    help="skip the ground-truth diagnostics of the PRMS maps and pseudo masks")
+    p.add_argument("--stop_after", default=None, choices=["1_stage1", "2_prms", "3_pseudo", "4_stage2", "5_test"],
+                   help="stop after this step")
     return p
 
 

@@ -208,6 +208,9 @@ def summary_line(name: str, folder: Path, ran: bool, seconds: float) -> str:
 
 def run(argv: Sequence[str] | None = None) -> int:
     a, extra = args_lib.get_pipeline_parser().parse_known_args(argv)
+    for name in ("out", "refer_data_root", "cache_dir", "clip_weights", "clip_vitb32", "clip_bpe"):
+        if getattr(a, name):  # the steps run from the repository root: paths of the caller's directory
+            setattr(a, name, str(Path(getattr(a, name)).expanduser().resolve()))
     for flag in ("--model", "--output-dir", "--output_dir", "--pseudo_path", "--resume"):
         if any(x == flag or x.startswith(flag + "=") for x in extra):
             raise UserError(f"{flag}: set by the pipeline itself for each step; remove it")
@@ -223,6 +226,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         if name == "3_pseudo" and not a.no_diagnostic and (ran or not (folder / "diagnostic.json").is_file()):
             pseudo_diagnostic(a, folder)
         print(summary_line(name, folder, ran, seconds), flush=True)
+        if name == a.stop_after:
+            break
     return 0
 
 
