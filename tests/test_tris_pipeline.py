@@ -26,9 +26,11 @@ from conftest import ROOT
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # The synthetic layout: RefCOCO, 2 refs (different targets) per image, 64 px images.
-DATA = dict(seed=1, num_images=96, num_val=8, num_test=16, image_size=64, layouts="refcoco", refs_per_image=2)
-FLAGS = ["--tiny", "--img_size", "128", "--method", "threshold", "--eval_splits", "test", "--device", "cpu",
-         "--workers", "0", "--seed", "0", "--epochs", "12", "-b", "16", "--lr", "3e-4", "--no_val",
+DATA = dict(seed=1, num_images=32, num_val=4, num_test=8, image_size=64, layouts="refcoco", refs_per_image=2)
+IMG = 96
+SEED = "0"
+FLAGS = ["--tiny", "--img_size", str(IMG), "--method", "threshold", "--eval_splits", "test", "--device", "cpu",
+         "--workers", "0", "--seed", SEED, "--epochs", "3", "-b", "8", "--lr", "3e-4", "--no_val",
          "--print-freq", "50"]
 PSEUDO_MIOU_MIN = 0.10   # measured: see the module docstring / report
 
@@ -63,7 +65,7 @@ def _dataset(root: Path, cache: Path, split: str, mode: str = "eval", **kw):
     from data.datasets import build_dataset
     from data.tokenizer import clip_name
 
-    return build_dataset("refcoco", root, split, clip_name(None), img_size=128, max_tokens=20, mode=mode,
+    return build_dataset("refcoco", root, split, clip_name(None), img_size=IMG, max_tokens=20, mode=mode,
                          cache_dir=cache, word_masks=False, **kw)
 
 
@@ -218,3 +220,32 @@ def test_pseudo_path_dataset_never_reads_the_ground_truth(data, tmp_path):
     for method in (ds.original_mask, ds.get_original_mask, ds.original_box):
         with pytest.raises(DatasetError, match="never read"):
             method(0)
+
+
+def test_prms_keeps_the_map_whose_masked_image_matches_all_sentences_best(monkeypatch):
+    """PRMS on a hand-made case: 3 sentences, cosine matrix chosen so that sentence 1 has the
+    largest row sum although sentence 0 has the largest single cosine."""
+    import torch.nn.functional as F
+
+    from lib import tris
+    from tools import prms
+
+    k, s, size = 3, 8, (12, 20)
+    maps = torch.rand(k, 1, s, s, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2.0, 3.0])[:, None, None, None]
+    cos = torch.tensor([[0.9, -0.5, -0.5], [0.3, 0.3, 0.3], [0.1, 0.1, 0.1]])
+    seen = {}
+
+    def fake_similarity(calibrator, image, mask, text):
+        seen.update(image=image.shape, mask=mask.shape, text=text.clone())
+        return cos
+
+    monkeypatch.setattr(tris, "clip_similarity", fake_similarity)
+    text = torch.arange(k * 4).reshape(k, 4)
+    out, best, scores = prms.select_map(lambda image, text: maps, None, torch.zeros(k, 3, s, s), text, size)
+    assert best == 1 and scores == pytest.approx([-0.1, 0.9, 0.3])
+    assert seen["mask"] == (k, 1, *size)                       # scored at the original resolution
+    assert all(torch.equal(seen["text"][j], text) for j in range(k))   # each map against all K sentences
+    expected = F.interpolate(maps, size=size, mode="bilinear", align_corners=True)[1, 0]
+    expected = expected / (expected.max() + 1e-5)
+    assert out.dtype == np.float32 and out.shape == size
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-6, atol=1e-7)
