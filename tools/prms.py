@@ -42,7 +42,6 @@ import args as args_lib
 import engine
 import utils
 from engine import UserError
-from lib import registry
 
 FORMAT = "openrrsis-prms-v1"
 
