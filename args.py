@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+AMP_HELP = ("mixed precision (auto: bf16 on a GPU with bf16 and on a CPU with avx512_bf16 / amx_bf16, fp16 on an "
+            "older GPU, off = float32 elsewhere; the resolved value is logged and stored; OPENRRSIS_AMP pins what "
+            "auto picks)")
 DATASETS = ("rrsisd", "refsegrs", "refcoco", "refcoco+", "refcocog", "refclef", "referit_tris")
 
 
@@ -57,9 +61,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip_weights", default="",
                    help="train.py, CLIP models: local CLIP weights for the backbone (a plain state_dict or an "
                         "open_clip file; OpenAI's RN50.pt archive needs --allow_torchscript)")
-    g.add_argument("--allow_torchscript", action="store_true",
-                   help="allow --clip_weights to be a TorchScript archive (OpenAI's RN50.pt): it is code, "
-                        "opened with torch.jit.load; use only files you trust")
+    g.add_argument("--allow_torchscript", "--clip_allow_torchscript", dest="allow_torchscript", action="store_true",
+                   help="allow --clip_weights / --clip_vitb32 to be a TorchScript archive (OpenAI's RN50.pt / "
+                        "ViT-B-32.pt): it is code, opened with torch.jit.load; use only files you trust")
     g.add_argument("--resume", default="", help="checkpoint to resume (train) or evaluate (test)")
     g.add_argument("--non_strict", action="store_true",
                    help="allow a partial checkpoint load (the missing/unexpected keys are printed)")
@@ -81,7 +85,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
-    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help=AMP_HELP)
     g.add_argument("--seed", default=None, type=int, help="random seed (default: the model's reference seed, e.g. 2401)")
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default="./checkpoints/",
                    help="checkpoints, logs and args.json")
@@ -116,6 +121,15 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--pseudo_path", default=None,
                    help="train on pseudo masks (a tools.pseudo_masks folder) instead of the ground truth: the "
                         "training split's masks are never read (TRIS stage 2)")
+    g.add_argument("--lr_multi", default=None, type=float,
+                   help="learning-rate factor of the backbone parameter groups (those a model scales below 1; "
+                        "default: the model's own, e.g. TRIS 0.1)")
+    g.add_argument("--negative_samples", default=None, type=int,
+                   help="hard negative sentences per training sample (default: the model's recipe, TRIS stage 1: 3; "
+                        "0 = none)")
+    g.add_argument("--clip_vitb32", default="",
+                   help="TRIS stage 1: the frozen CLIP ViT-B/32 of the calibration losses, a local file (plain "
+                        "state_dict / open_clip; OpenAI's ViT-B-32.pt archive needs --allow_torchscript)")
     g = p.add_argument_group("evaluation outputs")
     g.add_argument("--save_json", default=None,
                    help="test.py: write metrics and per-expression IoUs to this JSON file (several splits: a folder "
@@ -192,7 +206,8 @@ def get_demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--img_size", default=None, type=int)
     p.add_argument("--max_tokens", default=None, type=int)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help=AMP_HELP)
     p.add_argument("--heatmap", action="store_true",
                    help="also write the model's score map (predict_scores) as a JET overlay (*_heatmap.png)")
     return p
@@ -283,8 +298,8 @@ def get_predict_parser() -> argparse.ArgumentParser:
                    help="class vocabulary for FIANet word masks: rrsisd or refsegrs (default: the training dataset)")
     g.add_argument("--max_tokens", default=None, type=int, help="token limit (default: the training one)")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
-    g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help=AMP_HELP)
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 

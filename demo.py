@@ -64,6 +64,7 @@ def run(args) -> int:
     if empty:
         raise UserError(f"--text number {empty[0] + 1} is empty: give the sentence that names the object")
     device = utils.resolve_device(args.device)
+    args.amp = utils.resolve_amp(args.amp, device, log_prefix="[demo]")
     ckpt = engine.read_checkpoint(args.resume)
     saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     stored = engine.checkpoint_model_name(ckpt)
@@ -123,7 +124,7 @@ def run(args) -> int:
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
         Image.fromarray(utils.overlay(pic, mask)).save(overlay_path)
         record = {"sentence": sentence, "mask": str(mask_path), "overlay": str(overlay_path),
-                  "foreground_fraction": round(float(mask.mean()), 4)}
+                  "foreground_fraction": round(float(mask.mean()), 4), "amp": args.amp}
         if heat is not None:  # the score map in JET over the image, blended 0.6 image / 0.4 map
             heat_path = out / f"{stem}_heatmap.png"
             Image.fromarray(utils.heatmap_overlay(pic, heat[k])).save(heat_path)

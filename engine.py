@@ -248,6 +248,11 @@ def build_dataset(args: argparse.Namespace, split: str, mode: str, eval_protocol
         kwargs["splitBy"] = args.splitBy
     if mode == "train" and getattr(args, "pseudo_path", None):
         kwargs["pseudo_masks"] = args.pseudo_path  # targets = pseudo masks; the training GT becomes unreadable
+    negatives = getattr(args, "negative_samples", None)  # the model's recipe (TRIS stage 1: 3) or the flag
+    if mode == "train" and negatives:
+        if negatives < 0:
+            raise UserError(f"--negative_samples {negatives}: must be >= 0")
+        kwargs["negative_samples"] = int(negatives)
     try:
         tokenizer = tokenizer_name(spec, args.bert_tokenizer, getattr(args, "clip_bpe", None))
         ds = datasets.build_dataset(args.dataset, args.refer_data_root, split, tokenizer, **kwargs)
@@ -286,7 +291,10 @@ def eval_loader(ds, batch_size: int, workers: int, pin: bool, info: utils.DistIn
 # Forward passes
 # --------------------------------------------------------------------------------------------
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 / fp16 autocast on the device, or nothing for ``--amp off``."""
+    """bf16 / fp16 autocast on the device, or nothing for ``--amp off`` (``auto`` must have been
+    resolved by `utils.resolve_amp` first)."""
+    if amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"amp {amp!r}: resolve --amp with utils.resolve_amp before running a model")
     if amp == "off":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16

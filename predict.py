@@ -218,7 +218,7 @@ def run(args) -> int:
         if v < 0:
             raise UserError(f"{flag} {v}: must be >= 0")
     device = utils.resolve_device(args.device)
-    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+    amp = utils.resolve_amp(args.amp, device, log_prefix="[predict]")
     reader = open_scene(args.scene)
     try:
         scorer = TileScorer(args.resume, device, amp, args.bert_tokenizer, args.dataset, args.max_tokens)

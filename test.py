@@ -102,6 +102,7 @@ class PredictionWriter:
 
 def run(args) -> int:
     info = utils.init_distributed(args.device)
+    args.amp = utils.resolve_amp(args.amp, info.device, log_prefix="[test]" if info.is_main else None)
     ckpt = engine.read_checkpoint(args.resume)
     stored = engine.checkpoint_model_name(ckpt)
     try:
@@ -161,6 +162,7 @@ def run(args) -> int:
                 split_by=getattr(ds, "split_by", None), eval_protocol=args.eval_protocol, seed=args.seed,
                 img_size=args.img_size, checkpoint=checkpoint, config=getattr(model, "config", None),
                 train_args=saved_args))
+            records[-1]["amp"] = args.amp  # the resolved --amp the numbers were computed with
             if masks_dir:
                 print(f"[test] {summary['num_samples']} masks written to {masks_dir} (index.jsonl maps files)")
             if args.vis:

@@ -3,8 +3,9 @@
     python train.py --model fianet --dataset rrsisd ...                 # one process
     torchrun --nproc_per_node 4 train.py --model fianet ...             # DDP (gloo on CPU, NCCL on GPU)
 
-The loop follows the reference implementations: AdamW with the reference parameter groups,
-a poly(0.9) schedule stepped every iteration, the reference loss of each model, validation after every
+The loop follows the reference implementations: AdamW with the reference parameter groups (a
+group's ``lr_scale`` multiplies ``--lr``), a poly(0.9) schedule over iterations x epochs stepped every
+iteration (or once per epoch where the spec says so), the reference loss of each model, validation after every
 epoch and best-checkpoint selection on overall IoU (strictly greater). Differences that do not change
 the maths: no per-step ``gc.collect`` / ``empty_cache`` / ``synchronize``; parameters the reference
 never updates are frozen, so DDP runs without ``find_unused_parameters``; checkpoints are written
@@ -174,6 +175,12 @@ def build_model(args, info: utils.DistInfo, resume_ckpt: dict[str, Any] | None) 
         names = set(frozen)
         for name, p in model.named_parameters():
             p.requires_grad_(name not in names)
+    prepare = getattr(model, "prepare_training", None)
+    if callable(prepare):  # frozen helpers the loss needs (TRIS's CLIP ViT calibrator): fail before the first step
+        try:
+            prepare(calibrator=getattr(args, "clip_vitb32", "") or "", allow_torchscript=args.allow_torchscript)
+        except ValueError as e:  # CheckpointError included
+            raise UserError(str(e).strip().splitlines()[0]) from None
     return model, list(frozen)
 
 
@@ -188,9 +195,28 @@ def build_loader(ds, args, info: utils.DistInfo):
     return sampler, loader
 
 
+def scaled_parameter_groups(model: nn.Module, lr: float, weight_decay: float,
+                            lr_multi: float | None = None) -> list[dict[str, Any]]:
+    """`parameter_groups` with each group's learning rate set: ``lr * lr_scale`` (a model's group may
+    carry ``lr_scale``, default 1; TRIS's CLIP groups 0.1). ``lr_multi`` (``--lr_multi``) replaces the
+    scale of the groups a model scales below 1 (the references' backbone factor)."""
+    groups = parameter_groups(model, weight_decay)
+    for g in groups:
+        scale = float(g.get("lr_scale", 1.0))
+        if lr_multi is not None and scale < 1.0:
+            scale = float(lr_multi)
+        g["lr_scale"] = scale
+        g["lr"] = lr * scale  # LambdaLR multiplies each group's own base lr
+    return groups
+
+
 def build_optimiser(model: nn.Module, args, device: torch.device, total_iters: int):
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr,
-                                  weight_decay=args.weight_decay, amsgrad=args.amsgrad, fused=device.type == "cuda")
+    lr_multi = getattr(args, "lr_multi", None)
+    if lr_multi is not None and not lr_multi > 0:
+        raise UserError(f"--lr_multi {lr_multi}: must be positive")
+    groups = scaled_parameter_groups(model, args.lr, args.weight_decay, lr_multi)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad,
+                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_iters))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     return optimizer, scheduler, scaler
@@ -264,10 +290,11 @@ class EpochLogger:
 
 def train_one_epoch(net: nn.Module, loader, optimizer, scheduler, scaler, args, device: torch.device, epoch: int,
                     iteration: int, iters_per_epoch: int, log: EpochLogger, out_dir: Path,
-                    has_checkpoint: bool) -> tuple[int, dict[str, float]]:
+                    has_checkpoint: bool, schedule_step: str = "iteration") -> tuple[int, dict[str, float]]:
     """One epoch of the reference loop: forward + the model's loss terms, backward, AdamW step,
-    poly step per iteration. Checks the loss for NaN / inf every ``--print-freq`` steps (the only
-    host sync). Returns ``(iteration, averaged loss terms)``."""
+    poly step per iteration (``schedule_step='epoch'``: once, after the epoch). Checks the loss for
+    NaN / inf every ``--print-freq`` steps (the only host sync). Returns ``(iteration, averaged loss
+    terms)``."""
     net.train()
     meters = utils.MetricLogger()
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -283,7 +310,8 @@ def train_one_epoch(net: nn.Module, loader, optimizer, scheduler, scaler, args, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        if schedule_step == "iteration":
+            scheduler.step()
         iteration += 1
         nonfinite |= ~torch.isfinite(loss.detach())
         if step % args.print_freq == 0 or step == iters_per_epoch - 1:
@@ -299,6 +327,8 @@ def train_one_epoch(net: nn.Module, loader, optimizer, scheduler, scaler, args, 
             log.scalars("train", values, iteration)
     if nonfinite.item():
         raise TrainingDiverged(f"a non-finite loss occurred in epoch {epoch}: stopped; {kept}")
+    if schedule_step == "epoch":
+        scheduler.step()  # before the checkpoint, so a resume continues with the next epoch's factor
     return iteration, meters.averages()
 
 
@@ -346,6 +376,8 @@ def train(args) -> int:
     info = utils.init_distributed(args.device)
     utils.seed_everything(args.seed)  # the same seed on every rank, as the references
     device = info.device
+    # --amp auto -> the value this hardware runs fastest; stored in args.json and the checkpoints.
+    args.amp = utils.resolve_amp(args.amp, device, log_prefix="[train]" if info.is_main else None)
     resume_ckpt = read_resume_checkpoint(args)
     if resume_ckpt is not None and int(resume_ckpt["epoch"]) + 1 >= args.epochs:
         if info.is_main:
@@ -380,7 +412,8 @@ def train(args) -> int:
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         iteration, averages = train_one_epoch(net, loader, optimizer, scheduler, scaler, args, device, epoch,
-                                              iteration, iters_per_epoch, log, out_dir, has_checkpoint)
+                                              iteration, iters_per_epoch, log, out_dir, has_checkpoint,
+                                              schedule_step=spec.schedule_step)
         record: dict[str, Any] = {"epoch": epoch, "iteration": iteration,
                                   **{f"train_{k}": v for k, v in averages.items()}}
         improved = False

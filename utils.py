@@ -243,6 +243,138 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+# --------------------------------------------------------------------------------------------
+# Mixed precision: what --amp auto becomes on this machine
+# --------------------------------------------------------------------------------------------
+# CPU flags (as /proc/cpuinfo spells them) that decide or explain mixed-precision speed.
+CPU_FLAGS_OF_INTEREST: tuple[str, ...] = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw",
+                                          "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                                          "amx_bf16", "amx_int8", "amx_fp16")
+BF16_CPU_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
+# Environment variables that cap the instruction set the CPU kernels use (e.g. to emulate an
+# AVX2-only machine on an AVX-512 one).
+ISA_ENV_VARS: tuple[str, ...] = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# oneDNN ISA caps below which its GEMMs and convolutions have no bf16 instructions.
+_ONEDNN_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+# The measurement behind the warning: FIANet training step, paper setting, 2-core AVX2-only AMD
+# EPYC: > 170 s with --amp bf16 against 44.1 s in float32 (BENCHMARKS.md, "CPU: hardware, ...").
+BF16_WITHOUT_HARDWARE_SLOWDOWN = "about 4x slower per FIANet training step on a 2-core AVX2-only AMD EPYC"
+AMP_CHOICES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
+
+
+class AmpError(DeviceUnavailableError):
+    """A bad ``OPENRRSIS_AMP`` value (one line, no traceback)."""
+
+
+def cpu_features() -> dict[str, Any]:
+    """What this CPU offers for mixed precision.
+
+    Returns ``{"model", "flags" (the present ones of CPU_FLAGS_OF_INTEREST, sorted), "source"
+    ("cpuinfo" on Linux, else "torch"), "capability" (``torch.backends.cpu.get_cpu_capability()``),
+    "isa_env" (the ISA-capping environment variables that are set)}``. Without /proc/cpuinfo the
+    flags come from ``torch.cpu``'s probes (AVX2, AVX-512, AVX512-BF16, AMX tiles)."""
+    import platform
+
+    model, flags, source = "", set(), "torch"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not model:
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+                source = "cpuinfo"
+    except OSError:
+        pass
+    if source != "cpuinfo":
+        probes = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported",
+                  "avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported",
+                  "avx512_vnni": "_is_vnni_supported"}
+        for flag, name in probes.items():
+            probe = getattr(torch.cpu, name, None)
+            try:
+                if probe is not None and probe():
+                    flags.add(flag)
+            except RuntimeError:
+                pass
+        if "amx_tile" in flags:
+            flags.add("amx_bf16")  # every CPU with AMX tiles so far has AMX-BF16
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    return {"model": model or platform.processor() or platform.machine(),
+            "flags": sorted(f for f in flags if f in CPU_FLAGS_OF_INTEREST), "source": source,
+            "capability": capability, "isa_env": {k: os.environ[k] for k in ISA_ENV_VARS if os.environ.get(k)}}
+
+
+def cpu_bf16(features: dict[str, Any]) -> tuple[bool, str]:
+    """``(usable, why)``: do the CPU kernels run bf16 with bf16 instructions? Needs the hardware
+    (``avx512_bf16`` or ``amx_bf16``) and no ISA cap below it (``ONEDNN_MAX_CPU_ISA`` under
+    AVX512_CORE_BF16, ``ATEN_CPU_CAPABILITY`` avx2 / default)."""
+    flags = set(features.get("flags", ()))
+    have = [f for f in BF16_CPU_FLAGS if f in flags]
+    if not have:
+        return False, "CPU without bf16 instructions (no avx512_bf16 / amx_bf16)"
+    env = features.get("isa_env") or {}
+    onednn = str(env.get("ONEDNN_MAX_CPU_ISA", "")).upper()
+    aten = str(env.get("ATEN_CPU_CAPABILITY", "")).lower()
+    if onednn in _ONEDNN_WITHOUT_BF16:
+        return False, f"bf16 instructions disabled by ONEDNN_MAX_CPU_ISA={env['ONEDNN_MAX_CPU_ISA']}"
+    if aten in ("default", "avx2"):
+        return False, f"bf16 instructions disabled by ATEN_CPU_CAPABILITY={env['ATEN_CPU_CAPABILITY']}"
+    return True, f"CPU with {' / '.join(have)}"
+
+
+def amp_decision(requested: str, device: torch.device, features: dict[str, Any] | None = None) -> tuple[str, str]:
+    """``(value, why)`` of an ``--amp`` request on ``device``.
+
+    ``auto``: bf16 on a CUDA GPU that supports it (Ampere and later), fp16 on an older GPU (its
+    tensor cores; training then uses the gradient scaler), bf16 on a CPU with bf16 instructions
+    (`cpu_bf16`), off (float32) elsewhere -- bf16 emulated without those instructions is several
+    times slower than float32. The environment variable ``OPENRRSIS_AMP`` (off / bf16 / fp16)
+    replaces what ``auto`` picks (tests and CI pin it). Explicit values are kept as given."""
+    if requested not in AMP_CHOICES:
+        raise AmpError(f"--amp {requested}: choose one of {', '.join(AMP_CHOICES)}")
+    if requested != "auto":
+        return requested, "as requested"
+    pinned = os.environ.get("OPENRRSIS_AMP", "").strip()
+    if pinned:
+        if pinned not in AMP_CHOICES[1:]:
+            raise AmpError(f"OPENRRSIS_AMP={pinned}: choose one of {', '.join(AMP_CHOICES[1:])}")
+        return pinned, f"auto, pinned by OPENRRSIS_AMP={pinned}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: CUDA GPU with bf16"
+        return "fp16", "auto: CUDA GPU without bf16"
+    if device.type == "cpu":
+        usable, why = cpu_bf16(cpu_features() if features is None else features)
+        return ("bf16" if usable else "off"), f"auto: {why}"
+    return "off", f"auto: no mixed precision chosen for {device.type}"
+
+
+def resolve_amp(requested: str, device: torch.device, features: dict[str, Any] | None = None,
+                log_prefix: str | None = None) -> str:
+    """The ``--amp`` value a run uses (`amp_decision`). With ``log_prefix`` (the main process of
+    an entry point) one line ``<prefix> --amp <requested> -> <value> (why)`` goes to stdout and,
+    when bf16 is forced on a CPU whose kernels lack bf16 instructions, ONE warning line to stderr
+    naming the measured slowdown; the run proceeds either way."""
+    import sys
+
+    value, why = amp_decision(requested, device, features)
+    if log_prefix is None:
+        return value
+    print(f"{log_prefix} --amp {requested} -> {value} ({why})", flush=True)
+    if value == "bf16" and torch.device(device).type == "cpu" and requested == "bf16":
+        usable, reason = cpu_bf16(cpu_features() if features is None else features)
+        if not usable:
+            print(f"warning: --amp bf16 on this CPU ({reason}): bf16 is emulated and much slower than --amp off "
+                  f"({BF16_WITHOUT_HARDWARE_SLOWDOWN}); proceeding", file=sys.stderr, flush=True)
+    return value
+
+
 class ShardSampler(torch.utils.data.Sampler[int]):
     """Sequential evaluation sampler that splits indices ``rank::world`` without padding.
 

@@ -16,6 +16,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -98,11 +99,104 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine(device: str) -> dict[str, Any]:
-    """Where a measurement ran: CPU model and cores, GPU name, load average (1/5/15 min)."""
+# fp32 lanes of one FMA instruction per instruction-set level, and what the ISA-capping environment
+# variables (set to emulate an older CPU) leave of them.
+FP32_LANES = {"avx512": 16, "avx2": 8, "sse": 4}
+_CAP_LANES = {
+    "ATEN_CPU_CAPABILITY": {"default": 4, "avx2": 8, "avx512": 16},
+    "ONEDNN_MAX_CPU_ISA": {"SSE41": 4, "AVX": 8, "AVX2": 8, "AVX2_VNNI": 8, "AVX2_VNNI_2": 8},
+    "MKL_ENABLE_INSTRUCTIONS": {"SSE4_2": 4, "AVX": 8, "AVX2": 8, "AVX512": 16, "AVX512_E1": 16},
+}
+FMA_UNITS_PER_CORE = 2  # an assumption (recorded): some AVX-512 parts have one 512-bit FMA unit per core
+
+
+def _lscpu() -> dict[str, str]:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"})
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.stdout.splitlines()) if v}
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def cpu_clock_mhz(lscpu: dict[str, str]) -> tuple[float | None, str]:
+    """``(MHz, source)``: lscpu's max MHz, else cpufreq's cpuinfo_max_freq, else /proc/cpuinfo's
+    (current) ``cpu MHz``."""
+    try:
+        return float(lscpu["CPU max MHz"]), "lscpu CPU max MHz"
+    except (KeyError, ValueError):
+        pass
+    khz = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    if khz and khz.isdigit():
+        return int(khz) / 1000, "/sys cpufreq cpuinfo_max_freq"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1]), "/proc/cpuinfo cpu MHz (the current clock, no max known)"
+    except (OSError, ValueError):
+        pass
+    return None, "unknown"
+
+
+def cpu_hardware(threads: int) -> dict[str, Any]:
+    """The CPU a measurement ran on and its float32 peak for ``threads`` intra-op threads.
+
+    Peak GFLOP/s = physical cores used (``min(threads, physical cores)``: two threads on two SMT
+    siblings share one core) x fp32 lanes of an FMA (16 AVX-512, 8 AVX2, 4 below; capped by
+    ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA`` / ``MKL_ENABLE_INSTRUCTIONS`` when they emulate
+    an older ISA) x 2 (multiply + add) x ``FMA_UNITS_PER_CORE`` (assumed 2) x clock."""
+    import utils
+
+    feats = utils.cpu_features()
+    flags = set(feats["flags"])
+    ls = _lscpu()
+    logical = os.cpu_count() or 1
+
+    def num(key: str, default: int) -> int:
+        try:
+            return int(ls[key])
+        except (KeyError, ValueError):
+            return default
+
+    per_core = num("Thread(s) per core", 1)
+    physical = num("Core(s) per socket", 0) * num("Socket(s)", 1) or max(1, logical // per_core)
+    cores_used = min(threads, physical)
+    lanes = FP32_LANES["avx512"] if "avx512f" in flags else FP32_LANES["avx2"] if "avx2" in flags else FP32_LANES["sse"]
+    lanes_source = f"hardware ({'avx512f' if lanes == 16 else 'avx2' if lanes == 8 else 'no avx2'})"
+    env = {k: os.environ.get(k) for k in utils.ISA_ENV_VARS}
+    for var, table in _CAP_LANES.items():
+        value = env.get(var)
+        cap = table.get(value.upper() if var != "ATEN_CPU_CAPABILITY" else value.lower()) if value else None
+        if cap is not None and cap < lanes:
+            lanes, lanes_source = cap, f"capped by {var}={value} (emulated)"
+    mhz, clock_source = cpu_clock_mhz(ls)
+    peak = cores_used * lanes * 2 * FMA_UNITS_PER_CORE * mhz / 1000 if mhz else None
+    return {
+        "model": feats["model"], "flags": feats["flags"], "capability": feats["capability"], "isa_env": env,
+        "emulated": any(env.values()), "threads": threads, "logical_cpus": logical, "threads_per_core": per_core,
+        "physical_cores": physical, "cpu0_thread_siblings": _read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list"),
+        "threads_share_cores": threads > cores_used and per_core > 1, "cores_used": cores_used,
+        "clock_mhz": mhz, "clock_source": clock_source, "fp32_fma_lanes": lanes, "lanes_source": lanes_source,
+        "fma_units_per_core": FMA_UNITS_PER_CORE,
+        "peak_fp32_gflops": round(peak, 1) if peak else None,
+        "peak_formula": f"cores used x fp32 FMA lanes x 2 (mul+add) x {FMA_UNITS_PER_CORE} FMA units per core (assumed) "
+                        f"x clock",
+    }
+
+
+def machine(device: str, threads: int | None = None) -> dict[str, Any]:
+    """Where a measurement ran: CPU model and cores, the CPU's features and float32 peak for the
+    measurement's threads (`cpu_hardware`), GPU name, load average (1/5/15 min)."""
     import torch
 
-    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+                            "cpu_info": cpu_hardware(threads or torch.get_num_threads())}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -188,7 +282,7 @@ def base_record(model: str, what: str, setting: str, opts: Options, image: int |
         "batch": opts.batch, "threads": opts.threads, "image": image, "tokens": tokens,
         "fused_attn": opts.fast_paths, "reference_ops": opts.reference_ops, "grad_ckpt": opts.grad_ckpt,
         "channels_last": opts.channels_last, "loss": opts.loss, "adamw": opts.adamw, "compile": opts.compile,
-        "torch": torch.__version__, "python": platform.python_version(), "machine": machine(opts.device),
+        "torch": torch.__version__, "python": platform.python_version(), "machine": machine(opts.device, opts.threads),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 

@@ -39,6 +39,9 @@ def options_label(rec: dict[str, Any]) -> str:
         out.append(f"workers={rec['workers']}")
     if rec.get("what") == "data":
         out.append(f"text={rec.get('text')}")
+    cpu = (rec.get("machine") or {}).get("cpu_info") or {}
+    if cpu.get("emulated"):  # ISA-capping environment variables: an older CPU emulated
+        out.append("emulated " + "/".join(sorted({str(v) for v in cpu.get("isa_env", {}).values() if v})))
     if rec.get("threads", 2) != 2:
         out.append(f"threads={rec['threads']}")
     return ", ".join(out) or "-"
@@ -96,7 +99,8 @@ def row(rec: dict[str, Any]) -> list[str]:
     if ips is None and rec.get("batch") and rec.get("what") in ("forward", "train"):
         ips = rec["batch"] / rec["median_s"]
     return [str(rec.get("model")), str(rec.get("what")), str(rec.get("setting")), str(rec.get("device")),
-            str(rec.get("amp")), _fmt(rec.get("batch")), options_label(rec),
+            str(rec.get("amp")) + (" (auto)" if rec.get("amp_requested") == "auto" else ""), _fmt(rec.get("batch")),
+            options_label(rec),
             f"{_fmt(rec['median_s'])} ({_fmt(lo)}-{_fmt(hi)})", _fmt(ips),
             f"{rec['peak_mem_mib'] / 1024:.1f}" if rec.get("peak_mem_mib") else "-",
             _fmt(load[0]) if load else "-", str(rec.get("time", "-"))[:10]]

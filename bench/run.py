@@ -15,7 +15,10 @@ What (``--what``, comma list; every (model, what) runs in its own fresh process)
 * ``fit`` / ``eval``: the full training / evaluation loop (data loader included) on generated
   synthetic data at the setting's image size, images/s -- bench/_loop.py;
 * ``data``: dataset construction at RRSIS-D scale, first vs cached start -- bench/_data.py;
-* ``flops``: forward FLOPs per image (``torch.utils.flop_counter``; training ~ 3x).
+* ``flops``: forward FLOPs per image (``torch.utils.flop_counter``; training ~ 3x);
+* ``profile``: ``torch.profiler`` over one eval forward and one training step after the warm-up:
+  the top ``--top`` operators by self CPU time (tables on stderr, also in the JSON record),
+  GEMM / convolution share, achieved GFLOP/s against the CPU's float32 peak -- bench/_profile.py.
 
 Settings (``--setting``): ``paper`` = Swin-B window 12, 480x480, BERT-base config with random
 weights, 20 tokens (CrossVLT 21), FIANet ``num_tmem`` 3; ``tiny`` = a seconds-long smoke test.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,13 +47,16 @@ from _common import RESULTS, ROOT, SETTINGS, BenchError, Options, append_results
 
 ensure_importable()
 
-WHATS = ("forward", "train", "fit", "eval", "data", "flops")
+WHATS = ("forward", "train", "fit", "eval", "data", "flops", "profile")
 DEFAULT_PASSES = {"forward": 4, "train": 4, "fit": 5, "eval": 5, "flops": 1}
 # Flags that do not change what is measured: left out of the reproducing command.
-NOT_IN_COMMAND = {"model", "what", "setting", "results", "no_save", "child", "construct", "report"}
+NOT_IN_COMMAND = {"model", "what", "setting", "results", "no_save", "child", "construct", "report", "vs_original",
+                  "ref_harness", "rounds"}
 # Flags that only matter to some measurements.
-ONLY_FOR = {"loss": ("train",), "adamw": ("train",), "compile": ("forward", "train"), "workers": ("fit", "eval"), "text": ("data",),
-            "repeats": ("data",), "passes": ("forward", "train", "fit", "eval"), "warmup": ("forward", "train", "fit", "eval"),
+ONLY_FOR = {"loss": ("train", "profile"), "adamw": ("train", "profile"), "compile": ("forward", "train"),
+            "workers": ("fit", "eval"), "text": ("data",), "top": ("profile",), "profile_parts": ("profile",),
+            "repeats": ("data",), "passes": ("forward", "train", "fit", "eval"),
+            "warmup": ("forward", "train", "fit", "eval", "profile"),
             "flops": ("forward", "train", "fit", "eval"), "peak_tflops": ("forward", "train", "fit", "eval")}
 
 
@@ -59,7 +66,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", default=None, help=f"comma-separated: {', '.join(WHATS)} (default forward,train)")
     p.add_argument("--setting", choices=SETTINGS, default=None, help="paper (default) or tiny")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["off", "bf16"], default="off")
+    p.add_argument("--amp", choices=["off", "bf16", "auto"], default="off",
+                   help="off (float32, the default: every recorded number stays comparable), bf16, or auto: what "
+                        "train.py's --amp auto picks on this machine (bf16 with bf16 instructions or a bf16 GPU); "
+                        "records hold the resolved value and amp_requested")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (and OMP_NUM_THREADS)")
     p.add_argument("--passes", type=int, default=None,
@@ -78,12 +88,24 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="forward / train: torch.compile the model (inductor); the first pass compiles and is "
                         "the warm-up")
+    p.add_argument("--top", type=int, default=15, help="profile: operators listed by self CPU time")
+    p.add_argument("--profile-parts", default="forward,train",
+                   help="profile: forward, train or both (a training step under the profiler needs ~14 GiB at the "
+                        "paper setting)")
     p.add_argument("--workers", type=int, default=0, help="fit/eval: DataLoader workers (0: loading in the loop)")
     p.add_argument("--text", default=None, help="data: text variants masks,ids,builtin (default: the model's)")
     p.add_argument("--repeats", type=int, default=3, help="data: cached starts to time")
     p.add_argument("--flops", choices=["auto", "on", "off"], default="auto",
                    help="count FLOPs per image and report MFU (auto: on CUDA only)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H200 dense bf16: 989)")
+    p.add_argument("--vs-original", action="store_true",
+                   help="forward / train of FIANet: ours and the ORIGINAL implementation interleaved (ours, original, "
+                        "... each in a fresh process; ours with --loss ce --amp off), medians and the ratio "
+                        "original / ours (needs the reference harness; bench/_original.py)")
+    p.add_argument("--ref-harness", default=None,
+                   help="--vs-original: ref_fianet_step.sh or its folder (default: OPENRRSIS_REF_HARNESS, else "
+                        "../shared/harness)")
+    p.add_argument("--rounds", type=int, default=3, help="--vs-original: rounds of (ours, original)")
     p.add_argument("--results", default=str(RESULTS), help="JSON-lines file the results are appended to")
     p.add_argument("--no-save", action="store_true", help="print only, append nothing")
     p.add_argument("--report", action="store_true",
@@ -120,10 +142,21 @@ def run_child(args: argparse.Namespace) -> int:
     """One measurement in this (fresh) process; prints its JSON line(s)."""
     model, what = args.child
     args.setting = args.setting or "paper"
+    import utils
+
+    requested = args.amp
+    try:
+        args.amp = utils.resolve_amp(requested, utils.resolve_device(args.device))
+    except utils.DeviceUnavailableError as e:
+        raise BenchError(str(e)) from None
     opts = options(args)
     passes = args.passes or DEFAULT_PASSES.get(what, 1)
     flops = args.flops == "on" or (args.flops == "auto" and opts.device.startswith("cuda"))
-    if what in ("forward", "train", "flops"):
+    if what == "profile":
+        import _profile
+
+        records = [_profile.measure(model, args.setting, opts, args.warmup, args.top, profile_parts(args))]
+    elif what in ("forward", "train", "flops"):
         import _model
 
         records = [_model.measure(model, what, args.setting, opts, passes, args.warmup, flops, args.peak_tflops)]
@@ -144,8 +177,16 @@ def run_child(args: argparse.Namespace) -> int:
         for rec in records:
             rec["model"] = model
     for rec in records:
+        rec["amp_requested"] = requested
         print(json.dumps(rec), flush=True)
     return 0
+
+
+def profile_parts(args: argparse.Namespace) -> tuple[str, ...]:
+    parts = tuple(x.strip() for x in args.profile_parts.split(",") if x.strip())
+    if not parts or set(parts) - {"forward", "train"}:
+        raise BenchError(f"--profile-parts {args.profile_parts!r}: choose forward, train or forward,train")
+    return parts
 
 
 def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
@@ -158,6 +199,8 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
         passes = args.passes or DEFAULT_PASSES.get(what, 1)
         if what in ONLY_FOR["passes"] and (args.warmup < 0 or passes <= args.warmup):
             raise BenchError(f"--passes {passes} leaves no timed pass after --warmup {args.warmup} ({what})")
+    if "profile" in whats:
+        profile_parts(args)
     if args.compile and set(whats) - set(ONLY_FOR["compile"]):
         raise BenchError(f"--compile applies to --what forward,train only, got --what {args.what}")
     if args.batch < 1 or args.threads < 1:
@@ -167,25 +210,92 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
     unknown = [m for m in models if m not in available_models()]
     if unknown:
         raise BenchError(f"--model: unknown {', '.join(unknown)}; valid: {', '.join(available_models())}")
+    script = None
+    if args.vs_original:
+        import _original
+
+        try:
+            script = _original.find_harness(args.ref_harness)
+            _original.comparable(models, whats, args.setting or "paper", args.batch, args.threads, args.device)
+            if args.rounds < 1:
+                raise _original.HarnessError(f"--rounds {args.rounds}: at least one round is needed")
+        except _original.HarnessError as e:
+            print(_original.UNAVAILABLE + str(e), file=sys.stderr, flush=True)
+            script = None
     status = 0
     for model in models:
         for what in whats:
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--child", model, what],
-                                  capture_output=True, text=True, env=child_env(args.threads), cwd=ROOT)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                sys.stderr.write(proc.stderr[-4000:])
-                print(json.dumps({"bench": "run", "model": model, "what": what, "error": proc.returncode,
-                                  "command": command_for(args, model, what)}), flush=True)
-                status = 1
+            if script is not None and model == "fianet" and what in ("forward", "train"):
+                ok, script = vs_original(args, argv, what, script)
+                status = status or (0 if ok else 1)
                 continue
-            records = [json.loads(ln) for ln in lines]
-            for rec in records:
-                rec["command"] = command_for(args, model, what)
-                print(json.dumps(rec), flush=True)
-            if not args.no_save:
-                append_results(Path(args.results), records)
+            status = status or (0 if run_measurement(args, argv, model, what) else 1)
     return status
+
+
+def run_measurement(args: argparse.Namespace, argv: list[str], model: str, what: str,
+                    extra: tuple[str, ...] = ()) -> list[dict] | None:
+    """One (model, what) in a fresh process: its records printed and appended (None: it failed)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, *extra, "--child", model, what],
+                          capture_output=True, text=True, env=child_env(args.threads), cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    command_args = get_parser().parse_args([*argv, *extra]) if extra else args
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        print(json.dumps({"bench": "run", "model": model, "what": what, "error": proc.returncode,
+                          "command": command_for(command_args, model, what)}), flush=True)
+        return None
+    records = [json.loads(ln) for ln in lines]
+    for rec in records:
+        rec["command"] = command_for(command_args, model, what)
+        if what == "profile":  # the tables for people; stdout stays one JSON line per record
+            import _profile
+
+            print(_profile.format_tables(rec), file=sys.stderr, flush=True)
+        print(json.dumps(rec), flush=True)
+    if not args.no_save:
+        append_results(Path(args.results), records)
+    return records
+
+
+def vs_original(args: argparse.Namespace, argv: list[str], what: str, script: Path) -> tuple[bool, Path | None]:
+    """``--rounds`` x (ours, original) for FIANet ``what`` (bench/_original.py); one comparison
+    record. Returns ``(ours ran, the harness if it still works)``; when the original fails, ONE
+    line says so and ours' measurements stand."""
+    import _original
+
+    passes = args.passes or DEFAULT_PASSES[what]
+    last: dict = {}
+
+    def ours(k: int) -> float:
+        records = run_measurement(args, argv, "fianet", what, ("--amp", "off", "--loss", "ce"))
+        if records is None:
+            raise BenchError(f"our FIANet {what} failed in round {k + 1} of --vs-original")
+        last.update(records[-1])
+        return float(records[-1]["median_s"])
+
+    def original(k: int) -> float:
+        return _original.run_harness(script, what, passes, args.warmup)
+
+    try:
+        result = _original.interleave(args.rounds, ours, original)
+    except _original.HarnessError as e:
+        print(_original.UNAVAILABLE + str(e), file=sys.stderr, flush=True)
+        return bool(last), None
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return False, script
+    rec = {"bench": "run", "comparison": "vs_original", "model": "fianet", "what": what, "setting": "paper",
+           "device": "cpu", "amp": "off", "batch": 2, "threads": args.threads, "loss": "ce", "adamw": last.get("adamw"),
+           "passes": passes, "warmup": args.warmup, "harness": str(script), **result,
+           "ref_mirror": os.environ.get("REF_MIRROR"), "torch": last.get("torch"), "machine": last.get("machine"),
+           "time": last.get("time"),
+           "command": f"python bench/run.py --model fianet --what {what} --vs-original --passes {passes} "
+                      f"--warmup {args.warmup} --rounds {args.rounds}"}
+    print(json.dumps(rec), flush=True)
+    if not args.no_save:
+        append_results(Path(args.results), [rec])
+    return True, script
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ Every item is a plain dict (batches with torch's ``default_collate``)::
     sentence  str                 the sentence, stripped
     category  str                 class name (REFER) or '' (RefSegRS)
     index     int                 item index
+    neg_text  int64   (K, N)      only with ``negative_samples=K`` (train mode): hard negative sentences
 
 Which sentence an item uses (as the reference loaders of LAVT, RMSIN and FIANet):
 
@@ -24,6 +25,13 @@ Which sentence an item uses (as the reference loaders of LAVT, RMSIN and FIANet)
   (the ``test.py`` protocol of LAVT / RMSIN);
 * ``mode='eval', eval_protocol='one-per-ref'``: one item per ref, the sentence drawn once by a
   seeded generator (FIANet's one-sentence protocol, made deterministic).
+
+Hard negatives (TRIS, Liu et al., ICCV 2023: the calibration's negative expressions), train mode
+only, ``negative_samples=K`` (`build_dataset`, or ``set_negative_samples``): at every access, K times
+a random OTHER ref of the same image (same split) and a random sentence of it (duplicates allowed);
+when the image has no other ref, random sentences of random refs of the split, rejecting those
+equal (as strings) to the item's own sentence. Same tokenizer and length as ``text``; drawn with
+``np.random`` like the item's sentence.
 
 ``dataset.samples`` lists every (ref, sentence) in ``'all'`` order; ``original_mask`` gives a
 sample's ground truth at the image's own resolution. Token ids and word masks are computed
@@ -164,6 +172,43 @@ class _GroundingDataset(torch.utils.data.Dataset):
             self._fixed = [members[rng.randint(len(members))] for members in self.groups]
         else:
             self._fixed = None  # train: the sentence is drawn at every access
+        self.negative_samples = 0
+
+    def set_negative_samples(self, count: int) -> None:
+        """Give every training item ``neg_text`` (``count``, T): ``count`` hard negative sentences
+        (module docstring); 0 turns them off. Train mode only."""
+        count = int(count)
+        if count < 0:
+            raise DatasetError(f"negative_samples must be >= 0, got {count}")
+        if count and self.mode != "train":
+            raise DatasetError("negative_samples is for train mode only (evaluation items carry no negatives)")
+        self.negative_samples = count
+        if not count:
+            return
+        by_image: dict[str, list[int]] = {}
+        for g, members in enumerate(self.groups):
+            by_image.setdefault(self.samples[members[0]].image_path, []).append(g)
+        # other refs of the same image, per ref
+        self._same_image = [[h for h in by_image[self.samples[m[0]].image_path] if h != g]
+                            for g, m in enumerate(self.groups)]
+        if any(not others for others in self._same_image) and len({s.sentence for s in self.samples}) < 2:
+            raise DatasetError("negative_samples: a ref has no other ref on its image and every sentence of the "
+                               "split is the same string, so no negative sentence can be drawn")
+
+    def _negative_rows(self, group: int, sentence: str) -> list[int]:
+        """Sample rows of ``negative_samples`` negatives for an item of ``group`` whose sentence is ``sentence``."""
+        rows: list[int] = []
+        others = self._same_image[group]
+        while len(rows) < self.negative_samples:
+            if others:
+                members = self.groups[others[np.random.choice(len(others))]]
+                rows.append(members[np.random.choice(len(members))])
+            else:  # no other ref on the image: any ref of the split, another sentence string
+                members = self.groups[np.random.choice(len(self.groups))]
+                row = members[np.random.choice(len(members))]
+                if self.samples[row].sentence != sentence:
+                    rows.append(row)
+        return rows
 
     # -- to be provided by subclasses -------------------------------------------------------------
     def _image(self, sample: Sample) -> Image.Image:
@@ -267,6 +312,8 @@ class _GroundingDataset(torch.utils.data.Dataset):
             item[key] = table[row]
         item.update(ref_id=sample.ref_id, line=sample.line, sent_index=sample.sent_index,
                     sentence=sample.sentence, category=sample.category, index=index)
+        if self.negative_samples:
+            item["neg_text"] = self._text["text"][self._negative_rows(sample.group, sample.sentence)]
         return item
 
 
@@ -659,11 +706,12 @@ def build_dataset(name: str, root: str | Path, split: str, tokenizer_dir: str | 
 
     Common keywords: ``img_size``, ``max_tokens`` (None: the dataset's reference length), ``mode``,
     ``eval_protocol``, ``seed``, ``cache_dir``, ``word_masks``, ``pos_tagger``, ``mean`` / ``std``
-    (image normalisation), ``pseudo_masks`` (a pseudo-mask folder: `use_pseudo_masks`); REFER datasets
-    also take ``splitBy``. ``tokenizer_dir`` is a BERT folder
-    or a CLIP tokenizer string (``data.tokenizer``).
+    (image normalisation), ``pseudo_masks`` (a pseudo-mask folder: `use_pseudo_masks`),
+    ``negative_samples`` (train mode: hard negative sentences per item, ``neg_text``); REFER datasets
+    also take ``splitBy``. ``tokenizer_dir`` is a BERT folder or a CLIP tokenizer string (``data.tokenizer``).
     """
     mean, std = kwargs.pop("mean", None), kwargs.pop("std", None)
+    negatives = int(kwargs.pop("negative_samples", 0) or 0)
     pseudo = kwargs.pop("pseudo_masks", None)
     if name == "rrsisd":
         ds: _GroundingDataset = RRSISDDataset(root, split, tokenizer_dir, **kwargs)
@@ -679,6 +727,8 @@ def build_dataset(name: str, root: str | Path, split: str, tokenizer_dir: str | 
         ds.transform = SegmentationTransform(ds.transform.size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
     if pseudo:
         ds.use_pseudo_masks(pseudo)
+    if negatives:
+        ds.set_negative_samples(negatives)
     return ds
 
 

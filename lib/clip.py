@@ -28,6 +28,10 @@ Weights come from a LOCAL file only (never a download), through `load_clip_state
   ``context_length`` and ``vocab_size`` are dropped and float16 weights are cast to float32.
 
 `clip_config_from_state_dict` derives the architecture from a state_dict's shapes.
+
+`FrozenCLIP` is a CLIP that never trains (every parameter ``requires_grad=False``, ``train()``
+keeps it in eval mode): a fixed scorer such as TRIS's ViT-B/32 calibrator. Gradients still flow
+through it into its inputs. `load_frozen_clip` builds one with the architecture of a local file.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ from lib.checkpoint import CheckpointError, LoadReport, extract_state_dict, load
 
 __all__ = ["LayerNorm", "QuickGELU", "ResidualAttentionBlock", "Transformer", "Bottleneck", "AttentionPool2d",
            "ModifiedResNet", "VisionTransformer", "CLIP", "causal_mask", "clip_config", "clip_config_from_state_dict",
-           "is_torchscript_archive", "load_clip_state_dict", "load_clip_weights", "CLIP_METADATA_KEYS"]
+           "is_torchscript_archive", "load_clip_state_dict", "load_clip_weights", "CLIP_METADATA_KEYS", "FrozenCLIP",
+           "load_frozen_clip"]
 
 # Scalars OpenAI's archives keep next to the weights; they are not parameters.
 CLIP_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -484,3 +489,28 @@ def load_clip_weights(model: CLIP, path: str | os.PathLike, allow_torchscript: b
                       strict: bool = True) -> LoadReport:
     """Load a local CLIP file into ``model`` (strict by default: every key, every shape)."""
     return load_model_state(model, load_clip_state_dict(path, allow_torchscript), strict=strict)
+
+
+# --------------------------------------------------------------------------------------------
+# A frozen CLIP (a fixed scorer)
+# --------------------------------------------------------------------------------------------
+class FrozenCLIP(CLIP):
+    """`CLIP` whose parameters never receive gradients and which stays in eval mode whatever
+    ``train()`` is asked (its forward has no dropout or BatchNorm, but a fixed scorer must not
+    change behaviour with its owner's mode). Gradients flow through it into its inputs."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenCLIP":
+        return super().train(False)
+
+
+def load_frozen_clip(path: str | os.PathLike, allow_torchscript: bool = False) -> FrozenCLIP:
+    """A `FrozenCLIP` with the architecture and the weights of a local CLIP file (strict load, float32)."""
+    sd = load_clip_state_dict(path, allow_torchscript=allow_torchscript)
+    model = FrozenCLIP(clip_config_from_state_dict(sd))
+    load_model_state(model, sd, strict=True)
+    return model

@@ -34,6 +34,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 VAL_PROTOCOLS = ("all", "one-per-ref")
+SCHEDULE_STEPS = ("iteration", "epoch")
 TOKENIZERS = ("bert", "clip")
 
 
@@ -101,6 +102,9 @@ class ModelSpec:
     quick starts, ``bench --setting tiny``). ``eval_at_original_resolution``: test-time metrics compare the
     prediction upsampled to each image's own size with the ground truth at that size (instead of the
     ground truth resized to the input), and add the point metrics Hit / PointM of ``predict_scores``.
+    ``schedule_step``: when the reference steps its poly learning-rate schedule (horizon: iterations
+    x epochs in both cases): every ``'iteration'`` (default), or once per ``'epoch'`` (TRIS stage 2,
+    whose learning rate is thus almost constant).
     """
 
     target: str
@@ -120,11 +124,14 @@ class ModelSpec:
     output_stride: int = 32
     tiny: Mapping[str, Any] = field(default_factory=dict)
     eval_at_original_resolution: bool = False
+    schedule_step: str = "iteration"
 
     def __post_init__(self) -> None:
         for name in ("val_protocol", "test_protocol"):
             if getattr(self, name) not in VAL_PROTOCOLS:
                 raise ValueError(f"{name} must be one of {VAL_PROTOCOLS}, got {getattr(self, name)!r}")
+        if self.schedule_step not in SCHEDULE_STEPS:
+            raise ValueError(f"schedule_step must be one of {SCHEDULE_STEPS}, got {self.schedule_step!r}")
         if "*" not in self.recipes and not self.recipes:
             raise ValueError("a ModelSpec needs at least one recipe")
 

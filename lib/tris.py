@@ -13,9 +13,39 @@ Stage 1, `TRISStage1` (localisation, weakly supervised by text only; the method 
     train -> per pair j: mean + max of the map + (1 - p)^3 log(0.01 + p), p = spatial mean of the
              softmax over [constant background map 1, the B pair maps]; background column dropped
 
-The classification ("text as class") loss is the multilabel soft-margin loss of these (B, B) scores
-against the identity (each image's own sentence positive, the other B - 1 negative), weight 5. The
-calibration terms with the frozen CLIP ViT-B/32 are added by the training pipeline, not here.
+The stage-1 loss (`TRISStage1.loss`, the paper's text-classification loss and its calibration
+with a frozen CLIP ViT-B/32; weights 5, 1, 2 as the reference's ``--w4``, ``--w1``, ``--w5``):
+
+    loss_cls = 5 * multilabel_soft_margin(cls (B, B), identity)   each image's own sentence positive
+    cam  = sigmoid map (B, 1, H, W) -> 224 (bilinear, align_corners=True); fg = cam * image -> 224
+    s_i  = cos(ViT image embedding of fg_i, ViT sentence embedding of sentence i)      (B,)
+    loss_pos = 1 * mean_i -log(clamp(s_i, 1e-4, 0.9999))
+    s_ik = cos(ViT image embedding of fg_i, ViT embedding of hard negative k)      (B, K), K = 3
+    loss_neg = 2 * mean_ik -log(1 - s_ik)                      (no clamp, as the reference)
+
+``loss_neg`` exists only when the batch carries ``neg_text`` (B, K, T) (the dataset's
+``negative_samples``; the reference adds the term only when ``--negative_samples`` > 0). A weight 0
+drops its term. As in the reference there is no clamp in ``loss_neg``: a cosine >= 1 (possible only
+by rounding for an image embedding equal to a negative's text embedding) gives +inf / NaN, which
+train.py's finite-loss check turns into a one-line stop (the reference would go on with NaN
+weights). Gradients of the calibration terms flow through the frozen ViT into ``cam`` only.
+
+The calibrator (`TRISStage1.calibrator`, a `lib.clip.FrozenCLIP`) is a CLIP ViT-B/32 read from a local
+file (``calibration.weights`` in the config, or `TRISStage1.load_calibrator` / ``prepare_training``;
+OpenAI's TorchScript ``ViT-B-32.pt`` only with ``allow_torchscript``, never from a config). It is not a submodule: it is in no state_dict (a
+stage-1 checkpoint holds the stage-1 network only), in no optimiser, never trains, stays in eval
+mode and follows the model's device (float32; the reference keeps it in the float16 weights
+``clip.load`` gives on a GPU). Tiny test configs use a seeded random ViT instead
+(``calibration.random_init``, the same weights on every process and after a resume). The text the
+ViT reads is TRIS's own 20 CLIP tokens (the reference loads the ViT with ``txt_length=20``: a 20x20
+causal mask and the first 20 rows of the 77 positional embeddings; the sentence embedding is the
+state at the largest id, as everywhere in CLIP). The released ``train_stage1.py`` calls
+``clip.load("ViT-B-32")``; that string is not one of CLIP's model names (``"ViT-B/32"``), so unless a
+file named ``ViT-B-32`` exists in the working directory ``clip.load`` raises "Model ViT-B-32 not
+found" (no fallback, no other model): the run needs the ViT-B/32 checkpoint as a local file, as the
+commented-out ``clip.load("../clip_weights/ViT-B-32.pt")`` next to it suggests. `clip_similarity` is
+the score the loss and PRMS share.
+
 ``logit_scale`` is TRIS's own (init ln(1/0.07)); the reference never optimises it.
 
 Stage 2, `TRISStage2` (segmentation trained on the pseudo masks; the method section of the paper):
@@ -48,16 +78,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.checkpoint import CheckpointMismatchError
-from lib.clip import CLIP, clip_config, load_clip_weights
+from lib.checkpoint import CheckpointError, CheckpointMismatchError
+from lib.clip import CLIP, FrozenCLIP, VisionTransformer, clip_config, load_clip_weights, load_frozen_clip
 from lib.spec import ModelSpec, Recipe, TextSide, resize_logits
 
 __all__ = ["BilateralPrompt", "PixelAttention", "ConvBNPReLU", "TRISStage1", "TRISStage2", "SPEC_STAGE1",
-           "SPEC_STAGE2", "build_config", "config_from_fixture", "focal_penalty"]
+           "SPEC_STAGE2", "build_config", "config_from_fixture", "focal_penalty", "clip_similarity",
+           "calibration_config", "build_calibrator", "CalibratorUnavailableError"]
 
 CONTEXT_LENGTH = 20         # CLIP tokens per sentence (the reference's --max_query_len)
 PROMPT_WEIGHT = 0.1         # the bilateral prompt's hard-coded residual weight
 STAGE1_LOSS_WEIGHT = 5.0    # --w4
+STAGE1_LOSS_WEIGHTS = {"cls": STAGE1_LOSS_WEIGHT, "pos": 1.0, "neg": 2.0}  # --w4, --w1, --w5
+POS_CLAMP = (1e-4, 0.9999)  # the reference's clamp of the positive cosine before -log
+CALIBRATOR_SEED = 0         # the random tiny calibrator's weights
 DEFAULT_IMG_SIZE = 320
 
 
@@ -112,6 +146,92 @@ class BilateralPrompt(nn.Module):
 def focal_penalty(p: torch.Tensor, power: float = 3.0, offset: float = 0.01) -> torch.Tensor:
     """``(1 - p)^power * log(offset + p)``: pushes the mean foreground probability of a pair map up."""
     return torch.pow(1 - p, power) * torch.log(offset + p)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration with a frozen CLIP ViT
+# --------------------------------------------------------------------------------------------
+class CalibratorUnavailableError(ValueError):
+    """Stage-1 calibration needs the frozen CLIP ViT-B/32 and none is configured (one line)."""
+
+
+# A seconds-on-a-CPU ViT for tests: one 64-wide block per tower, 32-d embeddings, CLIP's full BPE
+# vocabulary (any real token id fits) and 224 input (7x7 patches of 32).
+_TINY_VIT = {"vision_layers": 1, "vision_width": 64, "embed_dim": 32, "transformer_width": 64,
+             "transformer_heads": 1, "transformer_layers": 1}
+
+
+def calibration_config(weights: str | os.PathLike = "", random_init: bool = False) -> dict[str, Any]:
+    """The ``calibration`` entry of a stage-1 config: the ViT's `CLIP` config (ViT-B/32, or the tiny
+    random one), the local weights file, and whether the weights are a seeded random draw. (The
+    TorchScript opt-in is never stored: a config read from a checkpoint cannot open code.)"""
+    clip = clip_config("ViT-B/32", **(_TINY_VIT if random_init and not weights else {}))
+    return {"clip": clip, "weights": str(weights or ""),
+            "random_init": bool(random_init and not weights), "seed": CALIBRATOR_SEED,
+            "note": ("random weights: tests only, not the reference's calibration" if random_init and not weights
+                     else "CLIP ViT-B/32 from a local file")}
+
+
+def build_calibrator(calibration: Mapping[str, Any], allow_torchscript: bool = False) -> FrozenCLIP:
+    """The frozen ViT a ``calibration`` config describes: loaded from ``weights`` (a ViT CLIP file;
+    its shapes decide the architecture; OpenAI's TorchScript archive only with
+    ``allow_torchscript``), or drawn from ``seed`` when ``random_init`` (the global RNG is left
+    untouched, so every process and every resume get the same weights). One-line errors."""
+    weights = str(calibration.get("weights") or "")
+    if weights:
+        if not os.path.isfile(weights):
+            raise CalibratorUnavailableError(f"--clip_vitb32 {weights}: file not found")
+        try:
+            model = load_frozen_clip(weights, allow_torchscript=allow_torchscript)
+        except CheckpointError as e:
+            msg = str(e).strip().splitlines()[0]
+            hint = " (--allow_torchscript opts in)" if "TorchScript" in msg else ""
+            raise CalibratorUnavailableError(f"--clip_vitb32: {msg}{hint}") from None
+        if not isinstance(model.visual, VisionTransformer):
+            raise CalibratorUnavailableError(f"--clip_vitb32 {weights}: a CLIP ResNet, not a ViT (TRIS calibrates "
+                                             "with CLIP ViT-B/32)")
+        return model
+    if calibration.get("random_init"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(calibration.get("seed", CALIBRATOR_SEED)))
+            return FrozenCLIP(calibration["clip"])
+    raise CalibratorUnavailableError(
+        "TRIS stage-1 training needs the frozen CLIP ViT-B/32 of its calibration losses: pass --clip_vitb32 PATH "
+        "(a local ViT-B-32.pt / open_clip / state_dict file; OpenAI's archive also needs --allow_torchscript)")
+
+
+def clip_similarity(calibrator: CLIP, image: torch.Tensor, mask: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Cosine between the calibrator's embedding of the masked image and of sentences.
+
+    ``image`` (B, 3, H, W) normalised as the model's input (TRIS: ImageNet statistics), ``mask``
+    (B, 1, h, w) (the loss: the sigmoid map; PRMS: the ReLU'd map); both are resized to the ViT's
+    input (224) bilinearly with align_corners=True, and the ViT embeds ``mask * image``. ``text``
+    (B, T) CLIP ids -> cosine (B,), or (B, K, T) -> (B, K) (K sentences per image). Computed in
+    float32; the text side needs no gradient (the calibrator is frozen), the image side keeps the
+    graph into ``mask`` (and ``image``).
+    """
+    if image.dim() != 4 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0]:
+        raise ValueError(f"clip_similarity needs image (B, 3, H, W) and mask (B, 1, h, w), got "
+                         f"{tuple(image.shape)} and {tuple(mask.shape)}")
+    if text.dim() not in (2, 3) or text.shape[0] != image.shape[0]:
+        raise ValueError(f"clip_similarity needs text (B, T) or (B, K, T) with B = {image.shape[0]}, "
+                         f"got {tuple(text.shape)}")
+    size = int(getattr(calibrator.visual, "input_resolution", 224))
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        img, cam = image.float(), mask.float()
+        if tuple(img.shape[-2:]) != (size, size):
+            img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=True)
+        if tuple(cam.shape[-2:]) != (size, size):
+            cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=True)
+        emb = calibrator.encode_image(cam * img).float()
+        emb = emb / emb.norm(dim=-1, keepdim=True)                        # (B, E)
+        ids = text.reshape(-1, text.shape[-1])
+        with torch.no_grad():
+            sent = calibrator.encode_text(ids)[1].float()
+            sent = sent / sent.norm(dim=-1, keepdim=True)
+        if text.dim() == 2:
+            return (emb * sent).sum(-1)
+        return torch.einsum("be,bke->bk", emb, sent.reshape(text.shape[0], text.shape[1], -1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,8 +334,12 @@ class TRISStage1(_TRISBase):
     (the reference fixtures' eval outputs were made so). Training: a dict with ``cls``
     ``(B, B)``, ``cls_fg`` ``(B,)``, ``relu_map`` / ``sigmoid_map`` / ``map`` ``(B, 1, H, W)`` and
     ``logit_scale_exp``. Config: ``clip``, ``hidden_dim``, ``text_dim`` (= CLIP ``embed_dim``),
-    ``bilateral_prompt``, ``prompt_weight``, ``focal_p``, ``focal_lambda``, ``loss_weights``,
-    ``eval_pairing``.
+    ``bilateral_prompt``, ``prompt_weight``, ``focal_p``, ``focal_lambda``, ``loss_weights``
+    (``cls`` / ``pos`` / ``neg``), ``eval_pairing``, ``calibration`` (`calibration_config`).
+
+    ``calibrator``: the frozen CLIP ViT of the calibration losses and of PRMS, built on first use
+    (evaluation never needs it) and kept outside the module tree (see the module docstring).
+    ``prepare_training(calibrator=PATH)`` builds it before a run, so a missing file fails first.
     """
 
     stage = 1
@@ -232,6 +356,59 @@ class TRISStage1(_TRISBase):
         self.eval_pairing = str(config.get("eval_pairing", "own"))
         if self.eval_pairing not in ("own", "batch"):
             raise ValueError(f"eval_pairing must be 'own' or 'batch', got {self.eval_pairing!r}")
+        # Not a submodule (plain attribute): no state_dict entry, no optimiser, model.train() cannot reach it.
+        object.__setattr__(self, "_calibrator", None)
+
+    # -- the frozen calibrator -----------------------------------------------------------------
+    def _loss_weight(self, term: str) -> float:
+        return float(self.config.get("loss_weights", {}).get(term, STAGE1_LOSS_WEIGHTS[term]))
+
+    @property
+    def needs_calibrator(self) -> bool:
+        """Whether the loss has a calibration term (``pos`` or ``neg`` weight non-zero)."""
+        return self._loss_weight("pos") != 0 or self._loss_weight("neg") != 0
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def calibrator(self) -> FrozenCLIP:
+        """The frozen CLIP ViT (built from ``config['calibration']`` on first access, on the model's
+        device, float32, eval mode, ``requires_grad=False``). `CalibratorUnavailableError` when the
+        config names no weights file and no random draw."""
+        if self._calibrator is None:
+            calib = build_calibrator(self.config.get("calibration") or calibration_config())
+            object.__setattr__(self, "_calibrator", calib.to(self._device()))
+        return self._calibrator
+
+    def load_calibrator(self, path: str | os.PathLike, allow_torchscript: bool = False) -> FrozenCLIP:
+        """Build the calibrator from a local ViT CLIP file now (recorded in ``config['calibration']``);
+        OpenAI's TorchScript ``ViT-B-32.pt`` needs ``allow_torchscript=True`` (it is code)."""
+        calibration = calibration_config(path)
+        calib = build_calibrator(calibration, allow_torchscript=allow_torchscript)
+        calibration["clip"] = dict(calib.config)  # the file's architecture
+        self.config["calibration"] = calibration
+        object.__setattr__(self, "_calibrator", calib.to(self._device()))
+        return calib
+
+    def prepare_training(self, calibrator: str | os.PathLike = "", allow_torchscript: bool = False) -> None:
+        """Build the calibrator before training: from ``calibrator`` (a file, which replaces the
+        config's), else from the config (its file, or its seeded random draw). A no-op when the
+        loss has no calibration term; `CalibratorUnavailableError` when there is nothing to build."""
+        if not self.needs_calibrator and not calibrator:
+            return
+        path = str(calibrator or (self.config.get("calibration") or {}).get("weights") or "")
+        if path:
+            self.load_calibrator(path, allow_torchscript=allow_torchscript)
+        else:
+            _ = self.calibrator
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .cuda() / .cpu(): the calibrator follows the model's device (it stays float32).
+        out = super()._apply(fn, recurse)
+        if self._calibrator is not None:
+            object.__setattr__(self, "_calibrator", self._calibrator.to(self._device()))
+        return out
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, return_features: bool = False):
         feats: dict[str, torch.Tensor] | None = {} if return_features else None
@@ -293,14 +470,33 @@ class TRISStage1(_TRISBase):
         return outputs["relu_map"] if isinstance(outputs, Mapping) else outputs
 
     def loss(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{'loss_cls': w * multilabel_soft_margin(cls, I_B)}`` (reference stage-1 loss, w = 5), float32."""
+        """``{'loss_cls': 5 L_cls, 'loss_pos': 1 L_pos, 'loss_neg': 2 L_neg}`` float32 (the module
+        docstring); ``loss_neg`` only when ``batch`` has ``neg_text`` (B, K, T); a weight 0 drops
+        its term. Reads ``batch['image']`` (B, 3, H, W) and ``batch['text']`` (B, T)."""
         if not isinstance(outputs, Mapping) or "cls" not in outputs:
             raise ValueError("TRIS stage-1 loss needs the training-mode outputs (call model.train() first)")
+        terms: dict[str, torch.Tensor] = {}
         with torch.autocast(device_type=outputs["cls"].device.type, enabled=False):
-            cls = outputs["cls"].float()
-            target = torch.eye(cls.shape[0], device=cls.device, dtype=cls.dtype)
-            w = float(self.config.get("loss_weights", {}).get("cls", STAGE1_LOSS_WEIGHT))
-            return {"loss_cls": w * F.multilabel_soft_margin_loss(cls, target)}
+            w_cls, w_pos, w_neg = (self._loss_weight(k) for k in ("cls", "pos", "neg"))
+            if w_cls:
+                cls = outputs["cls"].float()
+                target = torch.eye(cls.shape[0], device=cls.device, dtype=cls.dtype)
+                terms["loss_cls"] = w_cls * F.multilabel_soft_margin_loss(cls, target)
+            use_neg = bool(w_neg) and batch.get("neg_text") is not None
+            if w_pos or use_neg:
+                text = batch["text"]
+                texts = text[:, None]                                   # (B, 1, T)
+                if use_neg:
+                    neg = batch["neg_text"].to(text.device)
+                    if neg.dim() != 3 or neg.shape[0] != text.shape[0] or neg.shape[-1] != text.shape[-1]:
+                        raise ValueError(f"neg_text must be (B, K, {text.shape[-1]}), got {tuple(neg.shape)}")
+                    texts = torch.cat([texts, neg.to(text.dtype)], dim=1)  # (B, 1 + K, T): one ViT image pass
+                sim = clip_similarity(self.calibrator, batch["image"], outputs["sigmoid_map"], texts)
+                if w_pos:
+                    terms["loss_pos"] = w_pos * -torch.log(sim[:, 0].clamp(*POS_CLAMP)).mean()
+                if use_neg:
+                    terms["loss_neg"] = w_neg * -torch.log(1 - sim[:, 1:]).mean()
+        return terms
 
     def predict_scores(self, outputs: Any, size: Sequence[int]) -> torch.Tensor:
         """(B, H, W) in [0, 1]: the response map at ``size`` divided by its maximum (+1e-5), as the
@@ -465,7 +661,8 @@ def build_config(name: str, stage: int | None = None, **options: Any) -> dict[st
     name). Options used: ``clip_backbone`` (RN50 | RN101), ``clip_overrides`` (CLIP constructor
     sizes, e.g. a tiny text tower for tests), ``hidden_dim`` (stage 1, 1024),
     ``clip_pretrained`` (a local CLIP file, loaded by `load_pretrained_clip`), ``clip_allow_torchscript``;
-    the rest is ignored."""
+    stage 1 also ``clip_vitb32`` (the calibrator's local file) and ``calibrator='random'`` (a seeded
+    random tiny ViT, for tests); the rest is ignored."""
     stage = int(stage if stage is not None else (2 if name.rstrip().endswith("2") else 1))
     clip = _clip_from_options(options)
     cfg: dict[str, Any] = {"model": name, "stage": stage, "clip": clip, "txt_length": CONTEXT_LENGTH,
@@ -473,8 +670,10 @@ def build_config(name: str, stage: int | None = None, **options: Any) -> dict[st
                            "clip_allow_torchscript": bool(options.get("clip_allow_torchscript", False))}
     if stage == 1:
         cfg.update(text_dim=clip["embed_dim"], hidden_dim=int(options.get("hidden_dim") or 1024), bilateral_prompt=True,
-                   prompt_weight=PROMPT_WEIGHT, focal_p=3.0, focal_lambda=0.01, loss_weights={"cls": STAGE1_LOSS_WEIGHT},
-                   eval_pairing="own")
+                   prompt_weight=PROMPT_WEIGHT, focal_p=3.0, focal_lambda=0.01, loss_weights=dict(STAGE1_LOSS_WEIGHTS),
+                   eval_pairing="own",
+                   calibration=calibration_config(options.get("clip_vitb32") or "",
+                                                  random_init=options.get("calibrator") == "random"))
     elif stage == 2:
         w = clip["vision_width"]
         cfg.update(text_dim=clip["transformer_width"], v_chans=[w * 4, w * 8, w * 16, w * 32],
@@ -485,7 +684,8 @@ def build_config(name: str, stage: int | None = None, **options: Any) -> dict[st
 
 
 def config_from_fixture(fx: Mapping[str, Any], stage: int = 1) -> dict[str, Any]:
-    """Our config of one stage of a TRIS reference fixture config (``fx['stage1']`` / ``['stage2']``)."""
+    """Our config of one stage of a TRIS reference fixture config (``fx['stage1']`` / ``['stage2']``); the
+    stage-1 calibration weights are 0 (the fixtures hold no ViT calibrator)."""
     key = f"stage{stage}"
     part = fx[key] if key in fx else fx
     c = dict(part["clip"])
@@ -503,7 +703,9 @@ def config_from_fixture(fx: Mapping[str, Any], stage: int = 1) -> dict[str, Any]
                    bilateral_prompt=float(args.get("attn_multi", 0.1)) > 0,
                    prompt_weight=float(hard.get("bilateral_prompt_add_weight", PROMPT_WEIGHT)),
                    focal_p=float(args.get("FOCAL_P", 3.0)), focal_lambda=float(args.get("FOCAL_LAMBDA", 0.01)),
-                   eval_pairing="batch")  # the fixture's eval forward ran the whole batch together
+                   eval_pairing="batch",  # the fixture's eval forward ran the whole batch together
+                   # The fixtures hold the network and its loss_cls only, no ViT calibrator: no calibration terms.
+                   loss_weights={**STAGE1_LOSS_WEIGHTS, "pos": 0.0, "neg": 0.0})
     else:
         cfg.update(text_dim=int(hard.get("textdim", 512)))
         for ours, theirs in (("v_chans", "v_chans"), ("reduced", "reduced"), ("decoder", "outputs")):
@@ -512,14 +714,19 @@ def config_from_fixture(fx: Mapping[str, Any], stage: int = 1) -> dict[str, Any]
     return cfg
 
 
-_RECIPES = {"*": Recipe(lr=5e-5, epochs=15, batch_size=48, max_tokens=CONTEXT_LENGTH, weight_decay=0.01, seed=1234)}
+# scripts/train_stage1.sh and train_stage2.sh: one GPU, batch 48, 15 epochs, AdamW lr 5e-5 wd 0.01,
+# seed 1234; stage 1 draws 3 hard negative sentences per sample (--negative_samples 3).
+NEGATIVE_SAMPLES = 3
+_RECIPES_STAGE2 = {"*": Recipe(lr=5e-5, epochs=15, batch_size=48, max_tokens=CONTEXT_LENGTH, weight_decay=0.01,
+                               seed=1234)}
+_RECIPES = {"*": dataclasses.replace(_RECIPES_STAGE2["*"], options={"negative_samples": NEGATIVE_SAMPLES})}
 _TEXT = TextSide("clip", context_length=CONTEXT_LENGTH)
 
 
 # Seconds on a CPU: one bottleneck per ResNet stage, a one-layer 64-wide text tower (the full BPE
-# vocabulary, so real tokenised sentences fit).
+# vocabulary, so real tokenised sentences fit); stage 1 calibrates with a seeded random tiny ViT.
 _TINY = {"clip_overrides": {"vision_layers": [1, 1, 1, 1], "transformer_width": 64,
-                            "transformer_heads": 1, "transformer_layers": 1}, "hidden_dim": 64}
+                            "transformer_heads": 1, "transformer_layers": 1}, "hidden_dim": 64, "calibrator": "random"}
 
 SPEC_STAGE1 = ModelSpec(
     target="lib.tris:TRISStage1", build_config=functools.partial(build_config, stage=1), recipes=_RECIPES,
@@ -530,7 +737,8 @@ SPEC_STAGE1 = ModelSpec(
 )
 SPEC_STAGE2 = dataclasses.replace(
     SPEC_STAGE1, target="lib.tris:TRISStage2", build_config=functools.partial(build_config, stage=2),
-    config_from_fixture=functools.partial(config_from_fixture, stage=2),
+    config_from_fixture=functools.partial(config_from_fixture, stage=2), recipes=_RECIPES_STAGE2,
     pretrained_missing=(r"attention[234]\.", r"reduced_c[1-4]\.", r"output[1-4]\.", r"final_seg[1-4]\."),
+    schedule_step="epoch",  # train_stage2.py steps its poly schedule once per epoch: lr ~ constant
 )
 SPEC = SPEC_STAGE1  # the file's default spec (stage 1); the registry names both

@@ -20,6 +20,10 @@ SHARED = Path(os.environ.get("OPENRRSIS_SHARED", ROOT.parent / "shared")).resolv
 FIXTURES = SHARED / "fixtures"
 NLTK_DIR = SHARED / "nltk_data"
 
+# --amp auto would pick bf16 on CPUs with bf16 instructions: the suite pins float32 so that its numbers
+# do not depend on the machine (tests of the resolver clear this).
+os.environ.setdefault("OPENRRSIS_AMP", "off")
+
 if NLTK_DIR.is_dir():
     # Point NLTK at the POS-tagger data shipped with the reference material.
     os.environ.setdefault("NLTK_DATA", str(NLTK_DIR))

@@ -57,22 +57,19 @@ def _image_id(ds: Any, sample: Any) -> int:
 
 
 def calibrator_of(model: torch.nn.Module, path: str, allow_torchscript: bool) -> torch.nn.Module:
-    """The frozen CLIP ViT-B/32 that scores the maps: the one of ``--clip_vitb32`` if given, else
-    the calibrator the stage-1 model carries."""
-    if path:
-        from lib import tris
+    """The frozen CLIP ViT-B/32 that scores the maps: the file of ``--clip_vitb32`` if given, else
+    the calibrator the stage-1 checkpoint's config names (its file, or a tiny model's seeded random
+    ViT)."""
+    from lib.tris import CalibratorUnavailableError
 
-        loader = getattr(tris, "load_calibrator", None)
-        if loader is None:
-            raise UserError("--clip_vitb32: this build has no calibrator loader (lib.tris.load_calibrator)")
-        if not Path(path).is_file():
-            raise UserError(f"--clip_vitb32 {path}: file not found")
-        return loader(path, allow_torchscript=allow_torchscript)
-    cal = getattr(model, "calibrator", None)
-    if cal is None:
-        raise UserError("--resume: this model has no CLIP calibrator (PRMS needs a TRIS stage-1 checkpoint); "
-                        "pass --clip_vitb32 PATH")
-    return cal
+    if not callable(getattr(model, "load_calibrator", None)):
+        raise UserError("--resume: this model has no CLIP calibrator (PRMS needs a TRIS stage-1 checkpoint)")
+    try:
+        if path:
+            return model.load_calibrator(path, allow_torchscript=allow_torchscript)
+        return model.calibrator
+    except CalibratorUnavailableError as e:
+        raise UserError(str(e).strip().splitlines()[0]) from None
 
 
 @torch.no_grad()
