@@ -16,8 +16,8 @@ bound. Measured on the 2-core development machine (tiny random CLIP RN, 96 px, 3
 images, 2 refs per image, seed 0): stage-1 test PointM 0.00 against a bound of 0.53 (its maps
 collapse to non-positive responses, so PRMS maps and threshold pseudo masks are empty, mIoU 0.00
 against 0.12 for all-ones masks), stage-2 PointM 0.20; with the calibration losses and the 0.1x
-backbone lr (4 epochs, lr 5e-5): stage 1 0.00, pseudo-mask mIoU 0.003, stage 2 0.38; a 128 px prototype trained for 24 epochs
-(several minutes) reached PointM 0.13 against 0.53. Learning to localise from text alone needs
+backbone lr (4 epochs, lr 5e-5): stage 1 0.00, pseudo-mask mIoU 0.003, stage 2 0.38; a 128 px
+prototype trained for 24 epochs (several minutes) reached PointM 0.13 against 0.53. Learning to localise from text alone needs
 CLIP's pretrained towers; a random tiny CLIP learns the in-batch text classification from global
 features, not where the object is. So the learning claims cannot be checked within CI's budget;
 the run below is as short as the data flow allows (2 steps per stage, lr 1e-5: the maps stay
