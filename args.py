@@ -39,6 +39,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window_size", default=None, type=int, help="explicit Swin window size (overrides --window12)")
     g.add_argument("--drop_path_rate", default=None, type=float,
                    help="Swin stochastic depth rate (default: the reference 0.3; small models learn faster with 0)")
+    g.add_argument("--tiny", action="store_true",
+                   help="train.py: build the model's tiny variant (its spec's seconds-on-a-CPU options; tests, "
+                        "quick pipeline runs)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing in the Swin stages")
     g.add_argument("--compile", action="store_true",
                    help="train.py: torch.compile the (DDP-wrapped) model; validation runs the plain model")
@@ -129,6 +132,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--time_limit", default=None, type=float,
                    help="stop training after this many minutes (checkpoint kept, resumable)")
     g.add_argument("--no_val", action="store_true", help="skip the per-epoch validation")
+    g.add_argument("--pseudo_path", default=None,
+                   help="train on pseudo masks (a tools.pseudo_masks folder) instead of the ground truth: the "
+                        "training split's masks are never read (TRIS stage 2)")
     g.add_argument("--lr_multi", default=None, type=float,
                    help="learning-rate factor of the backbone parameter groups (those a model scales below 1; "
                         "default: the model's own, e.g. TRIS 0.1)")
@@ -151,6 +157,55 @@ def get_test_parser() -> argparse.ArgumentParser:
     """test.py: `get_parser` plus the inference options."""
     p = get_parser()
     add_inference_flags(p)
+    return p
+
+
+def get_prms_parser() -> argparse.ArgumentParser:
+    """``python -m tools.prms``: the TRIS stage-1 response map of every ref, selected by the frozen
+    CLIP ViT-B/32 (positive response map selection), written for the pseudo-mask step."""
+    p = argparse.ArgumentParser(description="TRIS positive response map selection (PRMS)", allow_abbrev=False)
+    _add_common(p)
+    p.set_defaults(split="train")
+    g = p.add_argument_group("PRMS")
+    g.add_argument("--out", required=True, help="output folder (index.jsonl, maps/*.npy, config.json, summary.json)")
+    g.add_argument("--clip_vitb32", default="",
+                   help="local CLIP ViT-B/32 weights scoring the maps (default: the calibrator the stage-1 model "
+                        "was trained with; a tiny model's is its seeded random ViT)")
+    g.add_argument("--no_diagnostic", action="store_true",
+                   help="do not compare the selected maps with the ground truth (PointM / mIoU in summary.json)")
+    return p
+
+
+def get_pipeline_parser() -> argparse.ArgumentParser:
+    """``python -m tools.tris_pipeline``: stage 1 -> PRMS -> pseudo masks -> stage 2 -> test.
+    Flags it does not know are passed to both train.py runs."""
+    p = argparse.ArgumentParser(description="The TRIS weakly supervised pipeline, one command", allow_abbrev=False)
+    p.add_argument("--out", required=True, help="pipeline folder: one sub-folder per step")
+    p.add_argument("--dataset", default="refcoco", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--refer_data_root", default="./refer/data/", help="dataset root folder")
+    p.add_argument("--splitBy", default=None, help="REFER split file (see train.py)")
+    p.add_argument("--eval_splits", default="all",
+                   help="splits test.py evaluates at the end: a name, a comma list or 'all' (every split but train)")
+    p.add_argument("--method", default="irnet", choices=["irnet", "threshold", "threshold+crf"],
+                   help="pseudo-mask refinement of the selected maps (tools.pseudo_masks; irnet is the paper's)")
+    p.add_argument("--tiny", action="store_true", help="the models' tiny configs (seconds on a CPU; tests)")
+    p.add_argument("--clip_weights", default="", help="CLIP RN50 weights for both stages (train.py --clip_weights)")
+    p.add_argument("--clip_vitb32", default="", help="CLIP ViT-B/32 weights (stage-1 calibration and PRMS)")
+    p.add_argument("--allow_torchscript", action="store_true", help="the CLIP files may be OpenAI TorchScript archives")
+    p.add_argument("--stage1_flags", default="", help="extra train.py flags for stage 1 only (one quoted string)")
+    p.add_argument("--stage2_flags", default="", help="extra train.py flags for stage 2 only (one quoted string)")
+    p.add_argument("--pseudo_flags", default="", help="extra tools.pseudo_masks flags (one quoted string)")
+    p.add_argument("--test_flags", default="", help="extra test.py flags (one quoted string)")
+    p.add_argument("--img_size", default=None, type=int, help="input size of both stages (default: the model's, 320)")
+    p.add_argument("--seed", default=None, type=int, help="seed of every step (default: the recipe's, 1234)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    p.add_argument("-j", "--workers", default=4, type=int, help="DataLoader workers")
+    p.add_argument("--cache_dir", default=None, help="where token ids are cached")
+    p.add_argument("--clip_bpe", default=None, help="a local bpe_simple_vocab_16e6.txt.gz")
+    p.add_argument("--no_diagnostic", action="store_true",
+                   help="skip the ground-truth diagnostics of the PRMS maps and pseudo masks")
+    p.add_argument("--stop_after", default=None, choices=["1_stage1", "2_prms", "3_pseudo", "4_stage2", "5_test"],
+                   help="stop after this step")
     return p
 
 

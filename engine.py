@@ -92,6 +92,9 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The model config (plain data) that the flags describe."""
     try:
+        if getattr(args, "tiny", False):  # the spec's seconds-on-a-CPU variant (tests, quick pipelines)
+            options = {k: v for k, v in model_options(args).items() if v is not None}
+            return registry.tiny_model_config(args.model, **options)
         return registry.model_config(args.model, **model_options(args))
     except (ValueError, KeyError) as e:
         raise UserError(str(e).strip().splitlines()[0]) from None
@@ -243,6 +246,8 @@ def build_dataset(args: argparse.Namespace, split: str, mode: str, eval_protocol
                                   word_masks=spec.text.word_masks, mean=spec.mean, std=spec.std)
     if args.dataset in datasets.REFER_DATASETS and args.splitBy:
         kwargs["splitBy"] = args.splitBy
+    if mode == "train" and getattr(args, "pseudo_path", None):
+        kwargs["pseudo_masks"] = args.pseudo_path  # targets = pseudo masks; the training GT becomes unreadable
     negatives = getattr(args, "negative_samples", None)  # the model's recipe (TRIS stage 1: 3) or the flag
     if mode == "train" and negatives:
         if negatives < 0:

@@ -64,6 +64,7 @@ Datasets (``build_dataset`` names):
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -248,6 +249,53 @@ class _GroundingDataset(torch.utils.data.Dataset):
     def _augment(self, sample: Sample, image: Image.Image) -> Image.Image:
         return image
 
+    def _target_mask(self, row: int, image: Image.Image) -> np.ndarray:
+        """The training / evaluation target of sample ``row`` at the original resolution: the
+        ground truth, or the ref's pseudo mask once `use_pseudo_masks` was called."""
+        pseudo = getattr(self, "_pseudo_masks", None)
+        if pseudo is None:
+            return self.original_mask(row)
+        ref_id = self.samples[row].ref_id
+        mask = read_pseudo_mask(pseudo[ref_id])
+        if mask.shape != (image.height, image.width):
+            raise DatasetError(f"pseudo mask {pseudo[ref_id]} is {mask.shape[1]}x{mask.shape[0]}, its image "
+                               f"{self.samples[row].image_path} is {image.width}x{image.height}")
+        return mask
+
+    def use_pseudo_masks(self, folder: str | Path) -> None:
+        """Train on the pseudo masks of a ``tools.pseudo_masks`` folder (TRIS stage 2, Liu et al.,
+        ICCV 2023, Sec. 3.5): every sentence of a ref gets the union of that ref's pseudo mask
+        (resized with nearest neighbour by the transform). From here on the ground truth of this
+        dataset cannot be read: ``original_mask`` / ``get_original_mask`` / ``original_box`` raise."""
+        folder = Path(folder)
+        index_file, summary = folder / "index.jsonl", folder / "summary.json"
+        if not index_file.is_file():
+            raise DatasetFileNotFoundError(f"--pseudo_path {folder}: no index.jsonl (not a tools.pseudo_masks folder)")
+        if not summary.is_file():
+            raise DatasetError(f"--pseudo_path {folder}: no summary.json, the pseudo-mask run did not finish "
+                               f"(rerun tools.pseudo_masks)")
+        masks: dict[int, Path] = {}
+        for n, line in enumerate(index_file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                masks[int(rec["ref_id"])] = folder / str(rec["mask"])
+            except (ValueError, KeyError, TypeError):
+                raise DatasetError(f"--pseudo_path {index_file}: line {n} is not a {{ref_id, mask}} record") from None
+        refs = [self.samples[members[0]].ref_id for members in self.groups]
+        missing = [r for r in refs if r not in masks]
+        if missing:
+            raise DatasetError(f"--pseudo_path {folder}: {len(missing)} of {len(refs)} training refs have no pseudo "
+                               f"mask (e.g. ref {missing[0]}); make them from the PRMS maps of this split")
+        self._pseudo_masks = {r: masks[r] for r in refs}
+
+        def refused(*_: Any, **__: Any) -> Any:
+            raise DatasetError("the ground truth of a dataset trained on pseudo masks is never read")
+
+        # Instance attributes shadow the methods: no code path can reach the ground truth any more.
+        self.original_mask = self.get_original_mask = self.original_box = refused  # type: ignore[method-assign]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:
             index += len(self)
@@ -258,7 +306,7 @@ class _GroundingDataset(torch.utils.data.Dataset):
         except (DatasetError, DatasetFileNotFoundError) as e:  # name the ref / line too (one line)
             where = f"ref {sample.ref_id}" if sample.ref_id >= 0 else f"line {sample.line}"
             raise type(e)(f"{e} ({where}, sentence {sample.sent_index})") from None
-        image_t, target_t = self.transform(image, self.original_mask(row))
+        image_t, target_t = self.transform(image, self._target_mask(row, image))
         item = {"image": image_t, "target": target_t}
         for key, table in self._text.items():
             item[key] = table[row]
@@ -640,17 +688,31 @@ class ReferItTRISDataset(_GroundingDataset):
         return [x1, y1, x2 - x1, y2 - y1]  # the COCO [x, y, w, h] the evaluation expects
 
 
+def read_pseudo_mask(path: str | Path) -> np.ndarray:
+    """A pseudo-mask PNG (mode L, 0/1 or 0/255) -> uint8 0/1 ``(H, W)``; one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFileNotFoundError(f"pseudo mask not found: {path}")
+    try:
+        with Image.open(path) as im:
+            values = np.asarray(im.convert("L"))
+    except Exception as exc:
+        raise DatasetError(f"cannot read pseudo mask {path}: {type(exc).__name__}: {exc}") from None
+    return (values > 0).astype(np.uint8)
+
+
 def build_dataset(name: str, root: str | Path, split: str, tokenizer_dir: str | Path, **kwargs: Any) -> _GroundingDataset:
     """Dataset by ``--dataset`` name (one of ``DATASET_NAMES``); keyword arguments pass through.
 
     Common keywords: ``img_size``, ``max_tokens`` (None: the dataset's reference length), ``mode``,
     ``eval_protocol``, ``seed``, ``cache_dir``, ``word_masks``, ``pos_tagger``, ``mean`` / ``std``
-    (image normalisation), ``negative_samples`` (train mode: hard negative sentences per item,
-    ``neg_text``); REFER datasets also take ``splitBy``. ``tokenizer_dir`` is a BERT folder
-    or a CLIP tokenizer string (``data.tokenizer``).
+    (image normalisation), ``pseudo_masks`` (a pseudo-mask folder: `use_pseudo_masks`),
+    ``negative_samples`` (train mode: hard negative sentences per item, ``neg_text``); REFER datasets
+    also take ``splitBy``. ``tokenizer_dir`` is a BERT folder or a CLIP tokenizer string (``data.tokenizer``).
     """
     mean, std = kwargs.pop("mean", None), kwargs.pop("std", None)
     negatives = int(kwargs.pop("negative_samples", 0) or 0)
+    pseudo = kwargs.pop("pseudo_masks", None)
     if name == "rrsisd":
         ds: _GroundingDataset = RRSISDDataset(root, split, tokenizer_dir, **kwargs)
     elif name == "refsegrs":
@@ -663,6 +725,8 @@ def build_dataset(name: str, root: str | Path, split: str, tokenizer_dir: str | 
         raise DatasetError(f"--dataset {name!r} is not supported; valid: {', '.join(DATASET_NAMES)}")
     if mean is not None or std is not None:  # the model's image normalisation (its spec)
         ds.transform = SegmentationTransform(ds.transform.size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+    if pseudo:
+        ds.use_pseudo_masks(pseudo)
     if negatives:
         ds.set_negative_samples(negatives)
     return ds
