@@ -37,7 +37,6 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-
     from _common import Options
     from _model import build, training_step_fn
 
