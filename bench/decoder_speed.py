@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--what", choices=("forward", "train"), default="forward")
-    ap.add_argument("--tiles", default="0,4", help="comma list of Winograd tile sizes (0 = direct)")
+    ap.add_argument("--tiles", default="0,4", help="comma list of Winograd tile sizes (0 = direct); "
+                    "a suffix 'cl' also turns on the decoder's channels-last layout, e.g. 4cl")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=2)
@@ -33,7 +34,7 @@ def main() -> None:
     torch.manual_seed(0)
     dec = SimpleDecoding(1024)
     maps = [torch.randn(a.batch, c, s, s) for c, s in ((1024, 15), (512, 30), (256, 60), (128, 120))]
-    tiles = [int(t) for t in a.tiles.split(",")]
+    tiles = a.tiles.split(",")
     if a.what == "forward":
         dec.eval()
 
@@ -48,10 +49,11 @@ def main() -> None:
         def run():
             dec.zero_grad(set_to_none=True)
             dec(*maps).square().mean().backward()
-    res: dict[int, tuple[list[float], list[float]]] = {t: ([], []) for t in tiles}
+    res: dict[str, tuple[list[float], list[float]]] = {t: ([], []) for t in tiles}
     for r in range(a.rounds + 1):
         for t in tiles:
-            dec.winograd = t
+            dec.winograd = int(t.removesuffix("cl"))
+            dec.channels_last = t.endswith("cl")
             c0, w0 = time.process_time(), time.perf_counter()
             run()
             if r:  # round 0 is warm-up

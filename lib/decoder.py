@@ -14,8 +14,9 @@ Fast path: ``channels_last`` runs the decoder's convolutions, BatchNorms and ups
 channels-last (NHWC) maps, the layout cuDNN's tensor-core convolutions want; the output is
 returned in the ordinary (contiguous) layout. Only the memory layout changes, so the numbers are
 those of the plain path up to the convolution's summation order (~1e-7 relative in float32).
-``'auto'`` (default) uses it on the devices in `CHANNELS_LAST_AUTO_DEVICES`: CUDA only, because
-on CPU it measured no faster (BENCHMARKS.md, "Models"); ``True`` / ``False`` force it.
+``'auto'`` (default) uses it on the devices in `CHANNELS_LAST_AUTO_DEVICES` (CUDA) and wherever
+the Winograd path below runs (it computes in NHWC); with direct convolutions on CPU it measured
+no faster (BENCHMARKS.md, "Models"); ``True`` / ``False`` force it.
 
 Fast path ``winograd``: on CPU in float32 the 3x3 convolutions of maps of at least
 `WINOGRAD_MIN_PIXELS` run as Winograd F(4x4, 3x3) (`winograd_conv3x3`, 4x fewer multiplies,
@@ -282,7 +283,8 @@ class SimpleDecoding(nn.Module):
     def uses_channels_last(self, x: torch.Tensor) -> bool:
         """Whether a forward on ``x``'s device takes the channels-last path."""
         if self.channels_last == "auto":
-            return x.device.type in CHANNELS_LAST_AUTO_DEVICES
+            # Winograd works on NHWC maps: channels-last inputs save its layout copies (~7 %).
+            return x.device.type in CHANNELS_LAST_AUTO_DEVICES or self.winograd_tile(x) > 0
         return bool(self.channels_last)
 
     def forward(self, x_c4: torch.Tensor, x_c3: torch.Tensor, x_c2: torch.Tensor, x_c1: torch.Tensor) -> torch.Tensor:
