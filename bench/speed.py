@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--profile", type=int, default=0)
     ap.add_argument("--reference-ops", action="store_true")
+    ap.add_argument("--shift-mask", type=float, default=None,
+                    help="override lib.swin.FAST_SHIFT_MASK (e.g. -100: the reference value on the fast paths)")
     ap.add_argument("--set", action="append", default=[], help="module attribute name=value (0/1 = False/True), e.g. winograd=0")
     a = ap.parse_args()
 
@@ -40,6 +42,10 @@ def main() -> None:
     from _common import Options
     from _model import build, training_step_fn
 
+    if a.shift_mask is not None:
+        import lib.swin
+
+        lib.swin.FAST_SHIFT_MASK = a.shift_mask
     opts = Options(threads=a.threads, batch=a.batch, reference_ops=a.reference_ops)
     torch.set_num_threads(a.threads)
     device = torch.device("cpu")
@@ -77,6 +83,7 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile))
     rest_w, rest_c = sorted(walls[1:] or walls), sorted(cpus[1:] or cpus)
     print(json.dumps({"model": a.model, "what": a.what, "threads": a.threads, "set": a.set,
+                      "shift_mask": a.shift_mask, "reference_ops": a.reference_ops,
                       "isa": os.environ.get("ATEN_CPU_CAPABILITY", "native"),
                       "wall_s": [round(t, 3) for t in walls], "cpu_s": [round(t, 3) for t in cpus],
                       "median_wall_s": rest_w[len(rest_w) // 2], "min_cpu_s": rest_c[0],
