@@ -13,8 +13,10 @@ separate BERT in train mode, so ``train()`` keeps ``text_encoder`` in eval (drop
 ``stage_cls`` / ``build_backbone`` / ``build_classifier`` / ``encode_text``.
 
 Config entries read here besides the sizes: ``fused_attn`` (fast paths on; ``False`` gives the
-reference op order, which also keeps the decoder in the plain layout) and ``channels_last``
-(``'auto'`` by default: the decoder's channels-last fast path on CUDA only, see `lib.decoder`).
+reference op order, which also keeps the decoder in the plain layout with direct convolutions),
+``channels_last`` (``'auto'`` by default: the decoder's channels-last fast path on CUDA only) and
+``winograd`` (``'auto'`` by default: the decoder's Winograd 3x3 convolutions on CPU in float32;
+see `lib.decoder`).
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class LAVTOne(SegmentationModel):
         # Reference init order: backbone built with default init, then the backbone init rule.
         self.backbone.init_weights()
         self.set_channels_last(decoder_channels_last(config))
+        self.set_winograd(config.get("winograd", "auto") if config.get("fused_attn", True) else 0)
 
     # -- construction hooks ------------------------------------------------------------------
     def build_backbone(self, config: dict[str, Any]) -> MultiModalSwin:
@@ -143,6 +146,13 @@ class LAVTOne(SegmentationModel):
         decoder's channels-last layout where enabled) or the reference op order (``False``)."""
         self.backbone.set_fast_paths(flag)
         self.set_channels_last(self.config.get("channels_last", "auto") if flag else False)
+        self.set_winograd(self.config.get("winograd", "auto") if flag else 0)
+
+    def set_winograd(self, value: int | str) -> None:
+        """The decoder's Winograd 3x3 convolutions (`lib.decoder.SimpleDecoding.winograd`):
+        ``'auto'`` (CPU, float32), 0 (direct), 2 or 4 (tile size)."""
+        if hasattr(self.classifier, "winograd"):
+            self.classifier.winograd = value
 
     def set_channels_last(self, flag: ChannelsLast) -> None:
         """The decoder's channels-last fast path: ``True``, ``False`` or ``'auto'`` (CUDA only)."""

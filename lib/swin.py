@@ -165,8 +165,20 @@ def relative_position_index(w: int) -> torch.Tensor:
     return rel[..., 0] * (2 * w - 1) + rel[..., 1]
 
 
-def shifted_window_mask(hp: int, wp: int, w: int, s: int, device: torch.device | None = None) -> torch.Tensor:
-    """(nW, w*w, w*w) additive mask for shifted windows: 0 within a region, -100 across regions.
+# Additive shift-mask value across regions: the reference's -100, and the fast paths' value. With
+# -100, exp() of a masked logit lands in float32's subnormal range (e^-100 ~ 4e-44); subnormal
+# operands run 2-8x slower through softmax, its backward, the attention GEMMs and the gradient
+# adds of every shifted block (measured: the CPU training step spent ~25 s of 60 s on them). At
+# -1e4 exp() underflows to exactly 0; the weights change by at most e^-100 relative to the
+# region's own (below float32 resolution unless the logits span more than ~80).
+REFERENCE_SHIFT_MASK = -100.0
+FAST_SHIFT_MASK = -1e4
+
+
+def shifted_window_mask(hp: int, wp: int, w: int, s: int, device: torch.device | None = None,
+                        value: float = REFERENCE_SHIFT_MASK) -> torch.Tensor:
+    """(nW, w*w, w*w) additive mask for shifted windows: 0 within a region, ``value`` (the
+    reference's -100) across regions.
 
     The padded map is cut into 3 x 3 regions (rows/cols ``[0, Hp-w)``, ``[Hp-w, Hp-s)``,
     ``[Hp-s, Hp)``) that the cyclic shift brought together; tokens attend only within their region.
@@ -180,7 +192,7 @@ def shifted_window_mask(hp: int, wp: int, w: int, s: int, device: torch.device |
             region += 1
     win = window_partition(ids, w).squeeze(-1)  # (nW, w*w)
     diff = win[:, None, :] - win[:, :, None]
-    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+    return torch.zeros_like(diff).masked_fill(diff != 0, value)
 
 
 class WindowAttention(nn.Module):
@@ -309,7 +321,8 @@ def run_swin_blocks(blocks: Sequence[SwinBlock], x: torch.Tensor, H: int, W: int
     mask = None
     if s:
         hp, wp = -(-H // w) * w, -(-W // w) * w
-        mask = shifted_window_mask(hp, wp, w, s, device=x.device)
+        value = FAST_SHIFT_MASK if blocks[0].attn.fused else REFERENCE_SHIFT_MASK
+        mask = shifted_window_mask(hp, wp, w, s, device=x.device, value=value)
     for blk in blocks:
         if grad_ckpt and torch.is_grad_enabled():
             x = checkpoint(blk, x, H, W, mask, use_reentrant=False)
