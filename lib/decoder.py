@@ -280,15 +280,19 @@ class SimpleDecoding(nn.Module):
             return WINOGRAD_AUTO.get(x.device.type, 0)
         return 4 if self.winograd is True else int(self.winograd)
 
-    def uses_channels_last(self, x: torch.Tensor) -> bool:
-        """Whether a forward on ``x``'s device takes the channels-last path."""
+    def uses_channels_last(self, x: torch.Tensor, finest_pixels: int | None = None) -> bool:
+        """Whether a forward on ``x``'s device takes the channels-last path (``finest_pixels``: the
+        pixel count of the decoder's finest map, which decides whether Winograd runs at all)."""
         if self.channels_last == "auto":
             # Winograd works on NHWC maps: channels-last inputs save its layout copies (~7 %).
-            return x.device.type in CHANNELS_LAST_AUTO_DEVICES or self.winograd_tile(x) > 0
+            # Only where it will run (the finest map is large enough): small inputs keep the plain
+            # layout and so exactly the numbers they had before the Winograd path existed.
+            return x.device.type in CHANNELS_LAST_AUTO_DEVICES or (
+                self.winograd_tile(x) > 0 and (finest_pixels is None or finest_pixels >= WINOGRAD_MIN_PIXELS))
         return bool(self.channels_last)
 
     def forward(self, x_c4: torch.Tensor, x_c3: torch.Tensor, x_c2: torch.Tensor, x_c1: torch.Tensor) -> torch.Tensor:
-        channels_last = self.uses_channels_last(x_c4)
+        channels_last = self.uses_channels_last(x_c4, x_c1.shape[-2] * x_c1.shape[-1])
         if channels_last:
             # Convolutions, BatchNorm, ReLU, cat and bilinear upsampling keep the NHWC layout of
             # their inputs, so after this one conversion the plain decoder stays NHWC throughout.
