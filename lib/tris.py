@@ -732,7 +732,7 @@ _TEXT = TextSide("clip", context_length=CONTEXT_LENGTH)
 
 # Seconds on a CPU: one bottleneck per ResNet stage, a one-layer 64-wide text tower (the full BPE
 # vocabulary, so real tokenised sentences fit); stage 1 calibrates with a seeded random tiny ViT.
-_TINY = {"clip_overrides": {"vision_layers": [1, 1, 1, 1], "transformer_width": 64,
+_TINY = {"clip_overrides": {"vision_layers": [1, 1, 1, 1], "vision_width": 8, "transformer_width": 64,
                             "transformer_heads": 1, "transformer_layers": 1}, "hidden_dim": 64, "calibrator": "random"}
 
 SPEC_STAGE1 = ModelSpec(
