@@ -106,3 +106,44 @@ def test_stage2_trained_on_pseudo_masks_beats_the_text_blind_bound(run):
     assert bound == pytest.approx(1 / 3)   # 3 non-overlapping targets per image, one sentence each
     assert run["stage2"]["split"] == "test"
     assert run["stage2"]["PointM"] > bound + STAGE2_MARGIN, (run["stage2"], bound)
+
+
+def test_colour_only_layout_names_each_target_by_its_own_colour(tmp_path):
+    from data.datasets import load_plain_pickle
+    from data.synthetic import generate
+
+    root = Path(generate(tmp_path, seed=3, num_images=6, image_size=64, layouts="refcoco", colour_only=True)["refcoco"])
+    refs = load_plain_pickle(root / "refcoco" / "refs(unc).p")
+    inst = json.loads((root / "refcoco" / "instances.json").read_text())
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    per_image: dict[int, list[dict]] = {}
+    for r in refs:
+        per_image.setdefault(r["image_id"], []).append(r)
+    anns_per_image: dict[int, int] = {}
+    for ann in inst["annotations"]:
+        anns_per_image[ann["image_id"]] = anns_per_image.get(ann["image_id"], 0) + 1
+    for image_id, rs in per_image.items():
+        assert len(rs) == 3 == anns_per_image[image_id]      # every one of the 3 objects is a target
+        sents = [r["sentences"][0]["sent"] for r in rs]
+        assert all(len(r["sentences"]) == 1 for r in rs) and len(set(sents)) == 3
+        colours = [s.split()[1] for s in sents]
+        assert len(set(colours)) == 3                          # pairwise different colours
+        for r, s in zip(rs, sents):
+            assert s == f"the {s.split()[1]} {names[r['category_id']]}"
+
+
+def test_loss_weight_flags_reach_the_stage1_config():
+    import args as args_lib
+    import engine
+    from lib import registry
+
+    def config(*flags: str) -> dict:
+        ns = args_lib.get_parser().parse_args(["--model", "tris_stage1", "--tiny", *flags])
+        return engine.config_from_args(ns)
+
+    assert config()["loss_weights"] == {"cls": 5.0, "pos": 1.0, "neg": 2.0}
+    cfg = config("--w1", "0", "--w5", "0", "--w4", "3")
+    assert cfg["loss_weights"] == {"cls": 3.0, "pos": 0.0, "neg": 0.0}
+    assert not registry.build_model(cfg).needs_calibrator
+    with pytest.raises(engine.UserError, match="--w1 -1.0: a loss weight must be >= 0"):
+        config("--w1", "-1")
