@@ -141,6 +141,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative_samples", default=None, type=int,
                    help="hard negative sentences per training sample (default: the model's recipe, TRIS stage 1: 3; "
                         "0 = none)")
+    for flag, term, default in (("--w4", "text-as-class loss", 5.0), ("--w1", "positive calibration loss", 1.0),
+                                ("--w5", "negative calibration loss", 2.0)):
+        g.add_argument(flag, default=None, type=float,
+                       help=f"TRIS stage 1: weight of the {term} (the reference's {flag}, default {default:g}; "
+                            "0 drops the term, and with --w1 0 --w5 0 no calibrator is built)")
     g.add_argument("--clip_vitb32", default="",
                    help="TRIS stage 1: the frozen CLIP ViT-B/32 of the calibration losses, a local file (plain "
                         "state_dict / open_clip; OpenAI's ViT-B-32.pt archive needs --allow_torchscript)")

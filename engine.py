@@ -86,6 +86,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         num_tmem=args.num_tmem,
         bert=bert_folder(args.ck_bert) if needs_bert else "",
         swin_overrides=swin_overrides(args),
+        loss_weight_flags={k: getattr(args, k, None) for k in ("w4", "w1", "w5")},  # TRIS stage 1
     )
 
 

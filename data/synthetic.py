@@ -955,14 +955,47 @@ def _captions_for(rng: np.random.Generator, scene: Scene, index: int, size: int,
     return out
 
 
+# Caption form of ``colour_only`` (colour, class): one fixed form, so that the colour and class
+# words are all that differs between sentences (a random tiny text tower is swayed by determiners).
+COLOUR_ONLY_FORMS = ("the {} {}",)
+
+
+def sample_colour_scene(rng: np.random.Generator, size: int, styles: dict[str, ClassStyle],
+                        rle_prob: float = 0.0, tries: int = 500) -> tuple[Scene, list[Ref]]:
+    """A scene of 3 objects in pairwise DIFFERENT colours, every object a target captioned by its
+    colour and class only (``colour_only``: the easiest grounding, a colour word names one object)."""
+    for _ in range(tries):
+        scene = sample_scene(rng, size, styles, rle_prob)
+        keep = [int(i) for i in rng.permutation(len(scene.objects))[:3]]  # a text-blind map hits <= 1/3-ish
+        colours = [scene.objects[i].colour for i in keep]
+        if len(set(colours)) == len(colours):
+            break
+    else:  # pragma: no cover - a few hundred draws always hold 3 differently coloured objects
+        raise SyntheticDataError("colour_only: could not draw 3 objects of different colours")
+    # Repaint only the kept objects on a fresh background against which each of them stands out.
+    objects = [scene.objects[i] for i in keep]
+    for _ in range(50):
+        img, base = render_background(rng, size)
+        if all(np.linalg.norm(np.array(COLOURS[o.colour]) - base) >= MIN_CONTRAST for o in objects):
+            break
+    for obj in objects:
+        paint_object(rng, img, obj.mask, obj.colour)
+    scene = Scene(np.clip(np.rint(img), 0, 255).astype(np.uint8), objects)
+    refs = [Ref(i, [f.format(o.colour, o.name) for f in COLOUR_ONLY_FORMS]) for i, o in enumerate(objects)]
+    return scene, [refs[k] for k in rng.permutation(len(refs))]
+
+
 def write_refcoco(root: Path, rng: np.random.Generator, counts: dict[str, int], size: int,
-                  refs_per_image: int, styles: dict[str, ClassStyle] = COCO_STYLES) -> dict[str, dict[str, dict[str, int]]]:
+                  refs_per_image: int, styles: dict[str, ClassStyle] = COCO_STYLES,
+                  colour_only: bool = False) -> dict[str, dict[str, dict[str, int]]]:
     """Write ``refcoco``, ``refcoco+`` and ``refcocog`` (umd + google) in the REFER layout.
 
     Images (JPEG, every ``GREY_EVERY``-th one greyscale) go to ``images/mscoco/images/train2014``;
     each dataset folder gets the same ``instances.json``. Test images alternate between testA
     and testB. RefCOCO refs carry 2-3 sentences, RefCOCO+ 1-2 (colour and size words only),
-    RefCOCOg 1-2 longer ones.
+    RefCOCOg 1-2 longer ones. ``colour_only``: `sample_colour_scene` instead (3 objects of
+    different colours, no greyscale image, every caption "<det> <colour> <class>", the same
+    sentences in all three datasets).
     """
     image_dir = root / "images" / "mscoco" / "images" / "train2014"
     image_dir.mkdir(parents=True)
@@ -974,8 +1007,12 @@ def write_refcoco(root: Path, rng: np.random.Generator, counts: dict[str, int], 
     sent_ids = dict.fromkeys(REFCOCO_CUES, 0)
     ann_id = 0
     for image_id, unc_split in enumerate(plan, start=1):
-        scene, scene_refs = sample_described_scene(rng, size, styles, refs_per_image, rle_prob=0.1)
-        grey = image_id % GREY_EVERY == 0
+        if colour_only:
+            scene, scene_refs = sample_colour_scene(rng, size, styles, rle_prob=0.1)
+            scene_refs = scene_refs[:refs_per_image]
+        else:
+            scene, scene_refs = sample_described_scene(rng, size, styles, refs_per_image, rle_prob=0.1)
+        grey = image_id % GREY_EVERY == 0 and not colour_only
         file_name = f"COCO_train2014_{image_id:012d}.jpg"
         picture = Image.fromarray(scene.image)
         (picture.convert("L") if grey else picture).save(image_dir / file_name, quality=95, subsampling=0)
@@ -994,7 +1031,8 @@ def write_refcoco(root: Path, rng: np.random.Generator, counts: dict[str, int], 
             for dataset, kinds in REFCOCO_CUES.items():
                 kinds = tuple(k for k in kinds if not (grey and k == "colour"))
                 count = int(rng.integers(2, 4)) if dataset == "refcoco" else int(rng.integers(1, 3))
-                texts = _captions_for(rng, scene, ref.target, size, kinds, count, wrap=dataset == "refcocog")
+                texts = (ref.sentences[:count] if colour_only else
+                         _captions_for(rng, scene, ref.target, size, kinds, count, wrap=dataset == "refcocog"))
                 if not texts:
                     continue  # e.g. RefCOCO+ without a colour or size that singles the target out
                 first = sent_ids[dataset]
@@ -1292,13 +1330,15 @@ def _check_layouts(layouts: Sequence[str] | str) -> tuple[str, ...]:
 def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_size: int = 64,
              num_val: int | None = None, num_test: int | None = None, refs_per_image: int = 3,
              verbose: bool = False, layouts: Sequence[str] | str = LAYOUTS_ALL,
-             classes: Sequence[str] | str | None = None) -> dict[str, Path]:
+             classes: Sequence[str] | str | None = None, colour_only: bool = False) -> dict[str, Path]:
     """Write the synthetic RRSIS-D, RefSegRS, RefCOCO-family, ReferIt and tiny-BERT folders under ``out_dir``.
 
     ``num_images`` is the number of training images per dataset; validation and test default to
     a sixth and a quarter of it (RefCOCO: at least two test images, split into testA / testB).
     ``classes`` restricts every layout to those of its class names (e.g. a handful of classes for a
     quick run; at least three per layout).  ``layouts`` selects the datasets (default all four).
+    ``colour_only`` (RefCOCO family only): 3 objects of different colours per image, each
+    captioned by colour and class (`sample_colour_scene`), the quickest task to learn from text alone.
     Returns the written folders, e.g.
     ``{"rrsisd": ..., "refsegrs": ..., "refcoco": ..., "refclef": ..., "bert": ...}``.
     """
@@ -1326,7 +1366,7 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
     out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": int(seed), "num_images": counts, "image_size": int(image_size),
                 "refs_per_image": int(refs_per_image), "layouts": list(layouts),
-                "classes": {name: list(styles[name]) for name in layouts}}
+                "classes": {name: list(styles[name]) for name in layouts}, "colour_only": bool(colour_only)}
     (out / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
 
     # One stream per layout (spawned children do not depend on how many are spawned), so each
@@ -1334,8 +1374,9 @@ def generate(out_dir: str | Path, seed: int = 0, num_images: int = 120, image_si
     streams = dict(zip(LAYOUTS_KNOWN, np.random.SeedSequence(int(seed)).spawn(len(LAYOUTS_KNOWN))))
     writers = {"rrsisd": write_rrsisd, "refsegrs": write_refsegrs, "refcoco": write_refcoco, "refclef": write_refclef,
                "referit_tris": write_referit_tris}
+    extra = {"refcoco": {"colour_only": True}} if colour_only else {}
     stats = {name: writers[name](paths[name], np.random.default_rng(streams[name]), counts, int(image_size),
-                                 int(refs_per_image), styles[name]) for name in layouts}
+                                 int(refs_per_image), styles[name], **extra.get(name, {})) for name in layouts}
     vocab_size = write_bert(paths["bert"], _read_captions(paths))
     if verbose:
         for name, per_split in stats.items():
@@ -1379,11 +1420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"opt-in: {','.join(LAYOUTS_OPT_IN)})")
     parser.add_argument("--classes", default=None,
                         help="draw only these classes, comma-separated (default: every class of each layout)")
+    parser.add_argument("--colour_only", action="store_true",
+                        help="RefCOCO family: 3 objects of different colours per image, captions '<colour> <class>'")
     args = parser.parse_args(argv)
     try:
         generate(args.out, seed=args.seed, num_images=args.num_images, image_size=args.image_size,
                  num_val=args.num_val, num_test=args.num_test, refs_per_image=args.refs_per_image,
-                 verbose=True, layouts=args.layouts, classes=args.classes)
+                 verbose=True, layouts=args.layouts, classes=args.classes, colour_only=args.colour_only)
     except (SyntheticDataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

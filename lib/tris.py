@@ -669,8 +669,15 @@ def build_config(name: str, stage: int | None = None, **options: Any) -> dict[st
                            "clip_pretrained": str(options.get("clip_pretrained") or ""),
                            "clip_allow_torchscript": bool(options.get("clip_allow_torchscript", False))}
     if stage == 1:
+        weights = dict(STAGE1_LOSS_WEIGHTS)
+        for flag, term in (("w4", "cls"), ("w1", "pos"), ("w5", "neg")):  # --w4 / --w1 / --w5
+            value = (options.get("loss_weight_flags") or {}).get(flag)
+            if value is not None:
+                if not value >= 0:
+                    raise ValueError(f"--{flag} {value}: a loss weight must be >= 0")
+                weights[term] = float(value)
         cfg.update(text_dim=clip["embed_dim"], hidden_dim=int(options.get("hidden_dim") or 1024), bilateral_prompt=True,
-                   prompt_weight=PROMPT_WEIGHT, focal_p=3.0, focal_lambda=0.01, loss_weights=dict(STAGE1_LOSS_WEIGHTS),
+                   prompt_weight=PROMPT_WEIGHT, focal_p=3.0, focal_lambda=0.01, loss_weights=weights,
                    eval_pairing="own",
                    calibration=calibration_config(options.get("clip_vitb32") or "",
                                                   random_init=options.get("calibrator") == "random"))
@@ -725,7 +732,7 @@ _TEXT = TextSide("clip", context_length=CONTEXT_LENGTH)
 
 # Seconds on a CPU: one bottleneck per ResNet stage, a one-layer 64-wide text tower (the full BPE
 # vocabulary, so real tokenised sentences fit); stage 1 calibrates with a seeded random tiny ViT.
-_TINY = {"clip_overrides": {"vision_layers": [1, 1, 1, 1], "transformer_width": 64,
+_TINY = {"clip_overrides": {"vision_layers": [1, 1, 1, 1], "vision_width": 8, "transformer_width": 64,
                             "transformer_heads": 1, "transformer_layers": 1}, "hidden_dim": 64, "calibrator": "random"}
 
 SPEC_STAGE1 = ModelSpec(
