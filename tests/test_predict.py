@@ -36,7 +36,8 @@ def model(tmp_path_factory) -> dict[str, Path]:
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", "lavt_one", "--dataset", "rrsisd",
            "--refer_data_root", str(paths["rrsisd"]), "--bert_tokenizer", str(paths["bert"]),
            "--ck_bert", str(paths["bert"]), "--cache_dir", str(root / "cache"), *TINY, "--epochs", "8", "-b", "8",
-           "--lr", "2e-3", "--no_val", "--print-freq", "100", "--output-dir", str(root / "run")]
+           "--lr", "2e-3", "--no_val", "--print-freq", "100", "--output-dir", str(root / "run"),
+           *(["--seed", os.environ["PREDICT_MODEL_SEED"]] if os.environ.get("PREDICT_MODEL_SEED") else [])]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"ckpt": root / "run" / "checkpoint_last.pth", "data": paths["rrsisd"], "bert": paths["bert"]}
@@ -102,15 +103,25 @@ def test_class_sentence_over_a_large_georeferenced_scene(model, big_scene, tmp_p
 
     fg = mask == 1
     iou = {c: ((gt == k + 1) & fg).sum() / ((gt == k + 1) | fg).sum() for k, c in enumerate(CLASSES)}
-    # Measured with this tiny model: storage tank 0.39, airplane 0.19, ship 0.10, vehicle 0.06.
-    assert iou["storage tank"] > 0.25 and iou["storage tank"] > max(iou["ship"], iou["vehicle"]), iou
+    # The mask follows the sentence: of the object pixels it covers, the share on storage tanks is
+    # above their share of all object pixels (what a text-blind "every object" mask would cover).
+    tank = CLASSES.index("storage tank") + 1
+    share = ((gt == tank) & fg).sum() / ((gt > 0) & fg).sum()
+    blind_share = (gt == tank).sum() / (gt > 0).sum()
+    # MEASURED with this tiny model, train.py seeds default (2401) / 0 / 1 / 2 (PREDICT_MODEL_SEED):
+    #   storage tank IoU 0.387 / 0.214 / 0.340 / 0.400; best other class (airplane) 0.193 / 0.090 /
+    #   0.164 / 0.151; tank share of covered object pixels 0.505 / 0.515 / 0.479 / 0.538 vs blind 0.320.
+    # Margins about half the smallest excess: IoU 0.12 (over 0), share +0.08 (smallest excess 0.159).
+    assert iou["storage tank"] > 0.12 and iou["storage tank"] > max(v for c, v in iou.items() if c != "storage tank"), iou
+    assert share > blind_share + 0.08, (share, blind_share)
 
     # The polygons (scene CRS) rasterised back on the scene grid are the mask, and lie on objects.
     fc = json.loads(Path(s["geojson"]).read_text())
     assert len(fc["features"]) == s["polygons"] > 10
     burnt = rasterize([(f["geometry"], 1) for f in fc["features"]], out_shape=gt.shape, transform=gd.transform)
     np.testing.assert_array_equal(burnt.astype(bool), fg)
-    assert ((gt > 0) & fg).sum() / fg.sum() > 0.5
+    # Mostly on objects (they cover 1.3 % of the scene). Measured over the 4 seeds above: 0.87 / 0.47 / 0.76 / 0.91.
+    assert ((gt > 0) & fg).sum() / fg.sum() > 0.25
     assert all(0.5 < f["properties"]["score"] <= 1 for f in fc["features"])
     assert Image.open(s["overview"]).size == (1024, 683)
     assert not list(out.glob("*.part")) and not list(out.glob("*.tiles.json"))
