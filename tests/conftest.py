@@ -48,3 +48,18 @@ def fixtures_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def nltk_data_dir(shared_dir: Path) -> Path:
     return shared_dir / "nltk_data"
+
+
+def tiny_checkpoint(name: str, path: Path, train_args: dict | None = None, seed: int = 0) -> Path:
+    """Save the registered model ``name`` in its tiny random config (``torch.manual_seed(seed)``)
+    as a checkpoint at ``path`` whose stored train args are ``train_args``; returns ``path``."""
+    import torch
+
+    from lib import registry
+    from lib.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = registry.build_model(registry.tiny_model_config(name))
+    save_checkpoint(path, {"model": model.state_dict(), "config": model.config, "epoch": 0,
+                           "args": dict(train_args or {})})
+    return path

@@ -15,6 +15,7 @@ from lib.checkpoint import (
     safe_torch_load,
 )
 from lib.lgformer import SPEC, LGFormer, build_config
+from tools.check_reference import flatten_features
 
 TINY_BERT = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
              "intermediate_size": 64, "max_position_embeddings": 32, "type_vocab_size": 2}
@@ -58,16 +59,6 @@ def lgformer_fixture(fixtures_dir, tmp_path_factory):
     return safe_torch_load(out)
 
 
-def _flatten(feats: dict) -> dict:
-    out = {}
-    for k, v in feats.items():
-        if isinstance(v, (list, tuple)):
-            out.update({f"{k}[{i}]": t for i, t in enumerate(v)})
-        else:
-            out[k] = v
-    return out
-
-
 def _fixture_model(fx: dict, fused: bool = True) -> LGFormer:
     cfg = SPEC.config_from_fixture(fx["config"])
     cfg["fused_attn"] = fused
@@ -92,8 +83,8 @@ def test_fixture_matches_reference(lgformer_fixture, fused):
     for k, (mine, ref) in enumerate(zip(masks, fx["outputs"])):
         assert mine.shape == ref.shape == (2, 1, 104, 136)
         assert (mine - ref).abs().max().item() <= tol["outputs"], f"mask {k}"
-    ours = _flatten(feats)
-    refs = _flatten(fx["features"])
+    ours = flatten_features(feats)
+    refs = flatten_features(fx["features"])
     assert len(refs) == 46 and set(refs) == set(tol["features"])
     for name, ref in refs.items():  # every stored feature is produced and compared
         assert name in ours, name

@@ -9,11 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_checkpoint
 from PIL import Image
 from test_entrypoints import TINY, data_args, run, synth  # noqa: F401  (session fixture)
-
-from lib import registry
-from lib.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +42,7 @@ def test_lgformer_train_test_demo_on_refcoco_layout(lgformer_run, synth, tmp_pat
 
 @pytest.mark.parametrize("name", ["tris_stage1", "tris_stage2"])
 def test_tris_checkpoint_evaluates_with_clip_tokens(name, synth, tmp_path):  # noqa: F811
-    torch.manual_seed(0)
-    model = registry.build_model(registry.tiny_model_config(name))
-    ckpt = tmp_path / f"{name}.pth"
-    save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.config, "epoch": 0,
-                           "args": {"dataset": "refcoco", "img_size": 64}})
+    ckpt = tiny_checkpoint(name, tmp_path / f"{name}.pth", {"dataset": "refcoco", "img_size": 64})
     res = tmp_path / "res.json"
     # No --bert_tokenizer: the spec says CLIP BPE, read from the copy open_clip_torch ships.
     proc = run("test.py", "--resume", str(ckpt), "--dataset", "refcoco", "--refer_data_root", str(synth["refcoco"]),

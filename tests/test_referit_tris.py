@@ -9,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import tiny_checkpoint
 from pycocotools import mask as mask_utils
 from test_entrypoints import run
 
 import args as args_lib
 from data.datasets import DATASET_NAMES, DatasetError, DatasetFileNotFoundError, ReferItTRISDataset, build_dataset
 from data.synthetic import generate
-from lib import registry
-from lib.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +114,7 @@ def test_restricted_unpickler_refuses_globals(tmp_path):
 
 
 def test_tris_checkpoint_evaluates_on_referit_tris(data, tmp_path):
-    torch.manual_seed(0)
-    model = registry.build_model(registry.tiny_model_config("tris_stage2"))
-    ckpt = tmp_path / "tris_stage2.pth"
-    save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.config, "epoch": 0,
-                           "args": {"dataset": "referit_tris", "img_size": 64}})
+    ckpt = tiny_checkpoint("tris_stage2", tmp_path / "tris_stage2.pth", {"dataset": "referit_tris", "img_size": 64})
     res = tmp_path / "res.json"
     run("test.py", "--resume", str(ckpt), "--dataset", "referit_tris", "--refer_data_root", str(data),
         "--cache_dir", str(tmp_path / "cache"), "--workers", "0", "--device", "cpu", "--split", "all",

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_checkpoint
 from PIL import Image
 from test_entrypoints import run, synth  # noqa: F401  (session fixture)
 from torch import nn
@@ -20,7 +21,6 @@ from torch import nn
 import engine
 import utils
 from lib import registry
-from lib.checkpoint import save_checkpoint
 from lib.spec import ModelSpec, Recipe, resize_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
@@ -181,11 +181,8 @@ def test_train_py_reads_clip_weights_flag(tmp_path, synth):  # noqa: F811
 
 # ------------------------------------------------------------------------------ test.py and demo.py
 def test_test_py_reports_hit_pointm_and_demo_heatmap(synth, tmp_path):  # noqa: F811
-    torch.manual_seed(0)
-    model = registry.build_model(registry.tiny_model_config("tris_stage2"))
-    ckpt = tmp_path / "tris2.pth"
-    save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.config, "epoch": 0,
-                           "args": {"dataset": "refcoco", "img_size": 96}})
+    ckpt = tiny_checkpoint("tris_stage2", tmp_path / "tris2.pth", {"dataset": "refcoco", "img_size": 96})
+    model = engine.model_from_checkpoint(engine.read_checkpoint(str(ckpt)), str(ckpt))
     res = tmp_path / "res.json"
     common = ["--dataset", "refcoco", "--refer_data_root", str(synth["refcoco"]), "--cache_dir",
               str(tmp_path / "cache"), "--workers", "0", "--device", "cpu"]

@@ -66,7 +66,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.float()).abs().max().item()
 
 
-def _flatten_features(feats: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def flatten_features(feats: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``{'backbone.output': [t0, t1]}`` -> ``{'backbone.output[0]': t0, ...}``."""
     out = {}
     for k, v in feats.items():
@@ -203,8 +203,8 @@ def _check_view(path: Path, fx: Mapping[str, Any], fused_attention: bool, print_
         result.logits += _compare("outputs (lavt, two-part checkpoint)", logits2, ref2, logit_tol)
 
     def features(ours_raw: Mapping[str, Any], refs: Mapping[str, Any], tols: Mapping[str, Any], suffix: str) -> None:
-        ours = _flatten_features(ours_raw)
-        for name, ref in _flatten_features(refs).items():
+        ours = flatten_features(ours_raw)
+        for name, ref in flatten_features(refs).items():
             result.features += _compare(name + suffix, ours.get(name), ref, float(tols.get(name, DEFAULT_LOGIT_TOL)))
 
     features(feats, fx.get("features", {}), feat_tol, "")
