@@ -99,13 +99,11 @@ def prepare_inference(model, opts: Options, device) -> None:
 # Machine, timing, memory
 # --------------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (``utils.cpu_features``: /proc/cpuinfo, else the platform's name)."""
+    ensure_importable()
+    import utils
+
+    return utils.cpu_features()["model"]
 
 
 # fp32 lanes of one FMA instruction per instruction-set level, and what the ISA-capping environment
