@@ -579,16 +579,14 @@ def resize_to_original(pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     values when already at ``size``). This is TRIS's protocol: the network sees the image resized
     to 320 x 320, the ground truth stays at the original resolution, the prediction is upsampled.
     """
-    x = pred.float()
-    rank = x.dim()
+    from lib.spec import resize_logits  # the decoders' upsampling rule, written once
+
+    rank = pred.dim()
     if rank not in (2, 3, 4):
         raise ValueError(f"prediction must be (h, w), (B, h, w) or (B, C, h, w), got shape {tuple(pred.shape)}")
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    lead = (1, 1) if rank == 2 else (x.shape[0], 1) if rank == 3 else tuple(x.shape[:2])
-    x4 = x.reshape(*lead, *x.shape[-2:])
-    out = torch.nn.functional.interpolate(x4, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
-    return out.reshape(*x.shape[:-2], *out.shape[-2:])
+    lead = (1, 1) if rank == 2 else (pred.shape[0], 1) if rank == 3 else tuple(pred.shape[:2])
+    out = resize_logits(pred.reshape(*lead, *pred.shape[-2:]), tuple(int(s) for s in size))
+    return out.reshape(*pred.shape[:-2], *out.shape[-2:])
 
 
 def mask_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
