@@ -123,6 +123,17 @@ def test_class_sentence_over_a_large_georeferenced_scene(model, big_scene, tmp_p
     # Mostly on objects (they cover 1.3 % of the scene). Measured over the 4 seeds above: 0.87 / 0.47 / 0.76 / 0.91.
     assert ((gt > 0) & fg).sum() / fg.sum() > 0.25
     assert all(0.5 < f["properties"]["score"] <= 1 for f in fc["features"])
+    # The GeoPackage (fiona) holds the same polygons in the scene's CRS.
+    import fiona
+
+    assert s["gpkg_note"] is None and s["gpkg"].endswith(".gpkg")
+    with fiona.open(s["gpkg"]) as layer:
+        assert layer.driver == "GPKG" and layer.crs.to_epsg() == 32633
+        rows = list(layer)
+    assert len(rows) == len(fc["features"])
+    burnt_gpkg = rasterize([(dict(r.geometry), 1) for r in rows], out_shape=gt.shape, transform=gd.transform)
+    np.testing.assert_array_equal(burnt_gpkg.astype(bool), fg)
+    assert sorted(r.properties["component"] for r in rows) == sorted(f["properties"]["component"] for f in fc["features"])
     assert Image.open(s["overview"]).size == (1024, 683)
     assert not list(out.glob("*.part")) and not list(out.glob("*.tiles.json"))
 

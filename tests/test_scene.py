@@ -3,6 +3,7 @@ model-free scorers (functions of position or colour), so every expected value is
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -205,6 +206,32 @@ def test_polygons_rasterise_back_onto_the_mask_in_the_scene_crs(tmp_path):
     assert fc["crs"]["properties"]["name"].endswith("32633")
     burnt = rasterize([(f["geometry"], 1) for f in fc["features"]], out_shape=(256, 320), transform=TR)
     np.testing.assert_array_equal(burnt.astype(bool), img[..., 0] > 150)
+
+
+def test_gpkg_holds_the_polygons_and_says_why_when_fiona_is_missing(tmp_path, monkeypatch):
+    import fiona
+    from rasterio.features import rasterize
+
+    img = np.full((64, 96, 3), 60, np.uint8)
+    img[10:30, 20:50] = 220
+    img[40:60, 60:90] = 220
+    scene = write_rgb(tmp_path / "s.tif", img)
+    res, _, labels = run_pass(tmp_path, scene, bright, sc.TilingPlan(tile=32, overlap=8, blend="cosine"))
+    info = sc.SceneReader(scene).info
+    t = res.writers[0].tracker
+    feats = list(sc.component_polygons(info, labels[0], t.roots(), sc.select_components(t.components(), "all"),
+                                       sentence="bright things"))
+    assert sc.write_gpkg(tmp_path / "p.gpkg", feats, info) is None
+    with fiona.open(tmp_path / "p.gpkg") as layer:
+        assert layer.crs.to_epsg() == 32633 and len(layer) == 2
+        rows = list(layer)
+    assert {r.properties["sentence"] for r in rows} == {"bright things"}
+    burnt = rasterize([(dict(r.geometry), 1) for r in rows], out_shape=(64, 96), transform=TR)
+    np.testing.assert_array_equal(burnt.astype(bool), img[..., 0] > 150)
+
+    monkeypatch.setitem(sys.modules, "fiona", None)   # import fiona now raises ImportError
+    assert sc.write_gpkg(tmp_path / "q.gpkg", feats, info) == "fiona is not installed"
+    assert not (tmp_path / "q.gpkg").exists()
 
 
 def test_simplify_ring_drops_collinear_points_and_stays_closed():
