@@ -319,6 +319,9 @@ def get_predict_parser() -> argparse.ArgumentParser:
                    help="Douglas-Peucker tolerance of the polygons in CRS units (pixels if not georeferenced)")
     g.add_argument("--overview_size", default=1024, type=int, help="longest side of the overview PNG")
     g.add_argument("--restart", action="store_true", help="ignore the sidecar tile index of an interrupted run")
+    g.add_argument("--checkpoint_every", default=60.0, type=float, metavar="SECONDS",
+                   help="seconds between on-disk checkpoints of the tiled pass (rasters flushed, tile index "
+                        "saved), so that a killed run resumes; 0: after every 256-row block")
     g = p.add_argument_group("model")
     g.add_argument("--bert_tokenizer", default=None, help="tokenizer folder (default: the one used in training)")
     g.add_argument("--dataset", default=None,

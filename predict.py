@@ -23,7 +23,9 @@ candidates. ``--context_pass`` first scores the whole scene squeezed into one mo
 components by mean probability times that coarse prior.
 
 Unfinished outputs carry a ``.part`` suffix; an interrupted run leaves a sidecar tile index
-(``<scene>.tiles.json``) and the next identical command resumes at the last written block row.
+(``<scene>.tiles.json``) and the next identical command resumes at the last written block row. The
+index is also saved every ``--checkpoint_every`` seconds (rasters flushed first), so a run killed
+outright (SIGKILL, out of memory) resumes from its last checkpoint.
 
 The models fuse language into the image encoder from the first stage on (LAVT, Yang et al., CVPR 2022,
 Sec. 3.1), so there are no text-free image features to share between sentences: what is shared is the
@@ -180,7 +182,8 @@ def plan_tiles(args, reader: sc.SceneReader, scorer: TileScorer) -> tuple[sc.Til
     if not 0.0 <= args.overlap <= 0.5:
         raise UserError(f"--overlap {args.overlap}: must be a fraction of the tile in [0, 0.5]")
     plan = sc.TilingPlan(tile=tile, overlap=round(args.overlap * tile), blend=args.blend,
-                         batch_size=args.batch_size, threshold=args.threshold)
+                         batch_size=args.batch_size, threshold=args.threshold,
+                         checkpoint_every=args.checkpoint_every)
     try:
         plan.check()
     except sc.SceneError as e:

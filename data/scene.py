@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -494,6 +495,13 @@ class BandWriter:
         self.prob.close()
         self.labels.close()
 
+    def reopen(self) -> None:
+        """Close both rasters (GDAL writes out their blocks and directory) and open them again for
+        update: after this the rows counted in ``written`` are on disk."""
+        self.close()
+        self.prob = open_geotiff(self.prob_path, self.info, "uint8", NODATA, resume=True)
+        self.labels = open_geotiff(self.label_path, self.info, "int32", None, resume=True)
+
 
 # --------------------------------------------------------------------------------------------
 # The tiled pass
@@ -505,6 +513,9 @@ class TilingPlan:
     blend: str
     batch_size: int = 8
     threshold: float = 0.5
+    # Seconds between on-disk checkpoints of the pass (rasters closed, tile index saved), so that a
+    # run killed outright (SIGKILL, out of memory, power) resumes too; 0: after every block row.
+    checkpoint_every: float = 60.0
 
     def check(self) -> None:
         if self.tile < 1:
@@ -517,6 +528,8 @@ class TilingPlan:
             raise SceneError(f"-b {self.batch_size}: must be >= 1")
         if not 0.0 < self.threshold < 1.0:
             raise SceneError(f"--threshold {self.threshold}: must be in (0, 1)")
+        if not self.checkpoint_every >= 0:
+            raise SceneError(f"--checkpoint_every {self.checkpoint_every}: must be >= 0 seconds")
 
 
 @dataclass
@@ -541,16 +554,24 @@ class TileIndex:
     def load(self) -> tuple[int, list[dict[str, np.ndarray]]] | None:
         if not self.path.is_file() or not self.state_path.is_file():
             return None
-        meta = json.loads(self.path.read_text())
-        if meta.get("fingerprint") != self.fingerprint:
-            return None
-        with np.load(self.state_path) as z:
-            states = [{k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(f"{i}/")}
-                      for i in range(meta["sentences"])]
+        try:
+            meta = json.loads(self.path.read_text())
+            if meta.get("fingerprint") != self.fingerprint:
+                return None
+            with np.load(self.state_path) as z:
+                # The two files are replaced one after the other: a kill between them leaves tracker
+                # states of another row than the JSON claims, which must not be combined.
+                if "rows_done" not in z.files or int(z["rows_done"]) != int(meta["rows_done"]):
+                    return None
+                states = [{k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(f"{i}/")}
+                          for i in range(meta["sentences"])]
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            return None  # unreadable sidecar (killed while written by an older version): start over
         return int(meta["rows_done"]), states
 
     def save(self, rows_done: int, tiles_done: int, trackers: Sequence[ComponentTracker]) -> None:
         arrays = {f"{i}/{k}": v for i, t in enumerate(trackers) for k, v in t.state().items()}
+        arrays["rows_done"] = np.array(rows_done)
         tmp = self.state_path.with_name(self.state_path.stem + ".tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, self.state_path)
@@ -582,8 +603,23 @@ def run_tiled_pass(reader: SceneReader, score: Scorer, sentences: Sequence[str],
     resumed = index.load() if index is not None else None
     rows_done = resumed[0] if resumed else 0
     states = resumed[1] if resumed else [None] * n
-    writers = [BandWriter(info, pp, lp, plan.threshold, st, rows_done)
-               for pp, lp, st in zip(prob_paths, label_paths, states)]
+    writers: list[BandWriter] = []
+    try:
+        for pp, lp, st in zip(prob_paths, label_paths, states):
+            writers.append(BandWriter(info, pp, lp, plan.threshold, st, rows_done))
+    except Exception as e:  # noqa: BLE001 - any GDAL error: the partial rasters cannot be updated
+        for wr in writers:
+            wr.close()
+        if not resumed:
+            raise
+        warnings.warn(f"cannot resume from {index.path if index else 'the tile index'} ({type(e).__name__}: {e}); "
+                      "starting the pass again", stacklevel=2)
+        if index is not None:
+            index.remove()
+        for path in (*prob_paths, *label_paths):  # GDAL will not overwrite a file it cannot read
+            Path(path).unlink(missing_ok=True)
+        rows_done, states = 0, [None] * n
+        writers = [BandWriter(info, pp, lp, plan.threshold) for pp, lp in zip(prob_paths, label_paths)]
     result = PassResult(tiles=len(rows) * len(cols), resumed_from_row=rows_done, writers=writers)
     first_strip = next((r for r, y0 in enumerate(rows) if y0 + T > rows_done), len(rows))
     acc = StripAccumulator(W, min(T, H), n, top=rows_done)
@@ -606,10 +642,23 @@ def run_tiled_pass(reader: SceneReader, score: Scorer, sentences: Sequence[str],
                 wr.push(probs[i], ok, None if pr is None else pr[i], final=final)
 
     done_tiles = first_strip * len(cols)
+    saved_rows, saved_at = rows_done, time.monotonic()
+
+    def checkpoint() -> None:
+        nonlocal saved_rows, saved_at
+        written = min(wr.written for wr in writers)
+        if index is None or written <= saved_rows or time.monotonic() - saved_at < plan.checkpoint_every:
+            return
+        for wr in writers:
+            wr.reopen()
+        index.save(written, done_tiles, [wr.tracker for wr in writers])
+        saved_rows, saved_at = written, time.monotonic()
+
     try:
         for r in range(first_strip, len(rows)):
             y0 = rows[r]
             flush(max(y0, rows_done))
+            checkpoint()
             strip = [Tile(r * len(cols) + c, r, x0, y0) for c, x0 in enumerate(cols)]
             for b in range(0, len(strip), plan.batch_size):
                 batch = strip[b:b + plan.batch_size]

@@ -188,6 +188,37 @@ def test_batch_size_does_not_change_the_result(model, big_scene, tmp_path):
     assert (masks[0] != masks[1]).mean() < 1e-3
 
 
+def test_a_predict_run_killed_outright_resumes_to_the_same_result(model, big_scene, tmp_path):
+    """``kill -9`` of predict.py (no handler runs): the next identical command resumes from the last
+    checkpoint of the tile index (``--checkpoint_every 0``: after every 256-row block)."""
+    import time
+
+    scene = crop_scene(big_scene["scene"], tmp_path / "crop.tif", 600, 400, 900, 1100)
+    straight = predict(model["ckpt"], scene, tmp_path / "straight", "--mode", "all")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "predict.py"), "--resume", str(model["ckpt"]), "--scene", str(scene),
+           "--out", str(out), "--text", "the white storage tank", "--mode", "all", "--no_progress",
+           "--device", "cpu", "--checkpoint_every", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    index = out / "crop.tiles.json"
+    deadline = time.monotonic() + 300
+    while not index.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()                                     # SIGKILL
+    _, err = proc.communicate()
+    assert proc.returncode == -9, (proc.returncode, err.decode()[-2000:])
+    rows_done = json.loads(index.read_text())["rows_done"]
+    assert 0 < rows_done < 1100
+    resumed = predict(model["ckpt"], scene, out, "--mode", "all", "--checkpoint_every", "0")
+    assert resumed["resumed_from_row"] >= rows_done and not index.exists()
+    a = read(straight["sentences"][0]["probability"])[0].astype(int)
+    b = read(resumed["sentences"][0]["probability"])[0].astype(int)
+    assert np.abs(a - b).max() <= 1            # a thread count may move a rounding by one level
+    ma, mb = read(straight["sentences"][0]["mask"])[0], read(resumed["sentences"][0]["mask"])[0]
+    assert (ma != mb).mean() < 1e-3
+
+
 def test_best_topk_and_context_pass_select_ranked_components(model, big_scene, tmp_path):
     scene = crop_scene(big_scene["scene"], tmp_path / "crop.tif", 400, 300, 400, 300)
     top = predict(model["ckpt"], scene, tmp_path / "topk", "--mode", "topk", "3", "--simplify", "0.5")

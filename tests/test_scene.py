@@ -3,6 +3,8 @@ model-free scorers (functions of position or colour), so every expected value is
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 
 import numpy as np
@@ -273,6 +275,80 @@ def test_interrupted_pass_resumes_to_the_same_result(tmp_path):
     a, b = res.writers[0].tracker.components(), first.writers[0].tracker.components()
     assert len(a) == 2 and sorted((c["area"], c["bbox"]) for c in a) == sorted((c["area"], c["bbox"]) for c in b)
     assert not (split / "s.tiles.json").exists()
+
+
+def _killed_pass(out, scene, plan, kill_at: int) -> None:
+    """A child process runs the pass and SIGKILLs itself at the ``kill_at``-th scorer call: no
+    ``finally``, no flush, exactly what ``kill -9`` or the out-of-memory killer leave behind."""
+    import multiprocessing as mp
+    import signal
+
+    def child() -> None:
+        calls = {"n": 0}
+
+        def dying(tiles, s):
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return bright(tiles, s)
+
+        run_pass(out, scene, dying, plan, index=sc.TileIndex(out / "s.tiles.json", {"a": 1}))
+
+    proc = mp.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL
+
+
+def test_a_pass_killed_outright_resumes_from_its_last_checkpoint(tmp_path):
+    h, w = 1100, 200
+    img = np.full((h, w, 3), 60, np.uint8)
+    img[30:1050, 80:110] = 220           # one component through every block row
+    img[700:720, 10:40] = 220
+    scene = write_rgb(tmp_path / "s.tif", img)
+    plan = sc.TilingPlan(tile=64, overlap=16, blend="cosine", batch_size=2, checkpoint_every=0)
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    first, sp, _ = run_pass(straight, scene, bright, plan)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    _killed_pass(killed, scene, plan, kill_at=40)   # 2 tiles a call, 4 per strip: strip ~20, row ~960
+    meta = json.loads((killed / "s.tiles.json").read_text())
+    assert meta["rows_done"] > 0 and meta["rows_done"] % sc.BLOCK == 0
+    broken = tmp_path / "broken"           # the same, with its partial raster damaged
+    shutil.copytree(killed, broken)
+    (broken / "p0.tif").write_bytes((broken / "p0.tif").read_bytes()[:100])
+    with pytest.warns(UserWarning, match="cannot resume from .*s.tiles.json.*starting the pass again"):
+        res, pb, _ = run_pass(broken, scene, bright, plan, index=sc.TileIndex(broken / "s.tiles.json", {"a": 1}))
+    assert res.resumed_from_row == 0 and res.scored == first.scored
+    np.testing.assert_array_equal(read(sp[0]), read(pb[0]))
+    res, pp, _ = run_pass(killed, scene, bright, plan, index=sc.TileIndex(killed / "s.tiles.json", {"a": 1}))
+    assert res.resumed_from_row == meta["rows_done"] and res.scored < first.scored
+    np.testing.assert_array_equal(read(sp[0]), read(pp[0]))
+    a, b = res.writers[0].tracker.components(), first.writers[0].tracker.components()
+    assert len(a) == 2 and sorted((c["area"], c["bbox"]) for c in a) == sorted((c["area"], c["bbox"]) for c in b)
+
+    # Never checkpointed (a long interval): the kill leaves no index and the next run starts over.
+    never = tmp_path / "never"
+    never.mkdir()
+    _killed_pass(never, scene, sc.TilingPlan(tile=64, overlap=16, blend="cosine", batch_size=2), kill_at=40)
+    assert not (never / "s.tiles.json").exists()
+    res, pn, _ = run_pass(never, scene, bright, plan, index=sc.TileIndex(never / "s.tiles.json", {"a": 1}))
+    assert res.resumed_from_row == 0
+    np.testing.assert_array_equal(read(sp[0]), read(pn[0]))
+
+
+def test_a_sidecar_whose_two_files_disagree_or_are_broken_is_not_used(tmp_path):
+    idx = sc.TileIndex(tmp_path / "s.tiles.json", {"tile": 64})
+    idx.save(256, 10, [sc.ComponentTracker(8)])
+    assert idx.load()[0] == 256
+    states = dict(np.load(idx.state_path))
+    idx.save(512, 20, [sc.ComponentTracker(8)])
+    np.savez(idx.state_path, **states)   # killed between the two replaces: the npz is one row behind
+    assert idx.load() is None
+    idx.path.write_text("{")              # a truncated JSON
+    assert idx.load() is None
 
 
 def test_a_changed_setting_does_not_resume(tmp_path):
