@@ -20,6 +20,8 @@ see `lib.decoder`).
 """
 from __future__ import annotations
 
+import functools
+
 import json
 from typing import Any, Callable, Mapping
 
@@ -251,10 +253,9 @@ def family_config(name: str, *, swin_type: str = "base", window_size: int | None
 
 
 def family_builder(configure: Configure | None = None, extras: tuple[str, ...] = ()) -> Callable[..., dict[str, Any]]:
-    """A spec's ``build_config`` for a LAVT-family model with its own ``configure`` hook."""
-    def build(name: str, **options: Any) -> dict[str, Any]:
-        return family_config(name, configure=configure, extras=extras, **options)
-    return build
+    """A spec's ``build_config`` for a LAVT-family model with its own ``configure`` hook (a
+    ``functools.partial``, not a closure, so that a whole model pickles)."""
+    return functools.partial(family_config, configure=configure, extras=extras)
 
 
 FixtureHook = Callable[[Mapping[str, Any], dict], None]

@@ -135,6 +135,17 @@ class ModelSpec:
         if "*" not in self.recipes and not self.recipes:
             raise ValueError("a ModelSpec needs at least one recipe")
 
+    def __reduce__(self):
+        """A registered spec pickles (and deep-copies) as its registry name: specs are singletons
+        holding functions, and a whole model (``model.spec``) must pickle, e.g. ``torch.save(model)``
+        or multiprocessing. An unregistered spec pickles by value."""
+        from lib import registry  # lazy: registry imports this module
+
+        for name in registry.available_models():
+            if registry.model_spec(name) is self:
+                return registry.model_spec, (name,)
+        return super().__reduce__()
+
     @property
     def training_inputs(self) -> tuple[str, ...]:
         return self.train_inputs if self.train_inputs is not None else self.inputs

@@ -101,6 +101,22 @@ def test_save_load_through_the_test_loader_gives_equal_scores(built, tmp_path):
     assert loaded.spec is model.spec
 
 
+def test_a_whole_model_pickles_and_deep_copies_with_its_spec(built):
+    """``pickle`` / ``copy.deepcopy`` of the module itself (multiprocessing, EMA copies): same
+    scores, and the registry's spec object, not a copy of it."""
+    import copy
+    import pickle
+
+    name, model = built
+    model.eval()
+    batch = engine.model_inputs(_batch(model.spec, seed=3), model.spec.inputs)
+    with torch.no_grad():
+        ref = model.predict_scores(model(**batch), (SIZE, SIZE))
+        for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert other.spec is model.spec and other.config == model.config
+            assert torch.equal(other.eval().predict_scores(other(**batch), (SIZE, SIZE)), ref)
+
+
 def test_bf16_autocast_forward(built):
     name, model = built
     model.eval()
