@@ -21,7 +21,6 @@ see `lib.decoder`).
 from __future__ import annotations
 
 import functools
-
 import json
 from typing import Any, Callable, Mapping
 
