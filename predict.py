@@ -228,6 +228,7 @@ def run(args) -> int:
     engine.check_quantize_device(args.quantize, args.device)  # before opening the device
     device = utils.resolve_device(args.device)
     amp = utils.resolve_amp(args.amp, device, log_prefix="[predict]")
+    utils.keep_freed_memory(device, log_prefix="[predict]")
     reader = open_scene(args.scene)
     try:
         scorer = TileScorer(args.resume, device, amp, args.bert_tokenizer, args.dataset, args.max_tokens,

@@ -104,6 +104,7 @@ def run(args) -> int:
     engine.check_quantize_device(getattr(args, "quantize", "off"), args.device)  # before opening the device
     info = utils.init_distributed(args.device)
     args.amp = utils.resolve_amp(args.amp, info.device, log_prefix="[test]" if info.is_main else None)
+    utils.keep_freed_memory(info.device, log_prefix="[test]" if info.is_main else None)
     ckpt = engine.read_checkpoint(args.resume)
     stored = engine.checkpoint_model_name(ckpt)
     try:

@@ -378,6 +378,7 @@ def train(args) -> int:
     device = info.device
     # --amp auto -> the value this hardware runs fastest; stored in args.json and the checkpoints.
     args.amp = utils.resolve_amp(args.amp, device, log_prefix="[train]" if info.is_main else None)
+    utils.keep_freed_memory(device, log_prefix="[train]" if info.is_main else None)
     resume_ckpt = read_resume_checkpoint(args)
     if resume_ckpt is not None and int(resume_ckpt["epoch"]) + 1 >= args.epochs:
         if info.is_main:

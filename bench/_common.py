@@ -235,12 +235,21 @@ def synchronizer(device) -> Callable[[], None]:
     return lambda: None
 
 
+MALLOC: dict[str, str] = {}  # what prepare_torch did to glibc's malloc, recorded by base_record
+
+
 def prepare_torch(opts: Options):
     """Threads, TF32 off (float32 means float32), the device."""
     import torch
 
     torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
+    # What train.py / test.py / predict.py do on a CPU (utils.keep_freed_memory); --reference-ops,
+    # the stand-in for the original code, keeps glibc's defaults.
+    ensure_importable()
+    import utils
+
+    MALLOC["state"] = ("default (--reference-ops)" if opts.reference_ops else utils.keep_freed_memory(device))
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise BenchError(f"--device {opts.device}: CUDA is not available on this machine")
@@ -289,7 +298,7 @@ def base_record(model: str, what: str, setting: str, opts: Options, image: int |
         "batch": opts.batch, "threads": opts.threads, "image": image, "tokens": tokens,
         "fused_attn": opts.fast_paths, "reference_ops": opts.reference_ops, "grad_ckpt": opts.grad_ckpt,
         "channels_last": opts.channels_last, "loss": opts.loss, "adamw": opts.adamw, "compile": opts.compile,
-        "quantize": opts.quantize,
+        "quantize": opts.quantize, "malloc": MALLOC.get("state", "default"),
         "torch": torch.__version__, "python": platform.python_version(), "machine": machine(opts.device, opts.threads),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -125,3 +125,39 @@ def test_train_and_test_record_the_resolved_value(tmp_path):
                "--save_json", str(res))
     assert f"[test] --amp auto -> {expected} (auto: " in proc.stdout
     assert json.loads(res.read_text())["amp"] == expected
+
+
+# ------------------------------------------------------------------------- CPU allocator (glibc)
+_RSS_PROBE = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import utils
+state = utils.keep_freed_memory("cpu")
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+x = torch.ones(64 * 2**20)          # 256 MiB, one block
+del x
+print(state)
+print((rss() - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+@pytest.mark.parametrize("env, state, kept", [({}, "kept", True),
+                                              ({"OPENRRSIS_MALLOC": "default"}, "OPENRRSIS_MALLOC=default", False),
+                                              ({"MALLOC_MMAP_MAX_": "65536"}, "MALLOC_* set", False)])
+def test_keep_freed_memory_keeps_a_freed_block_in_the_process(env, state, kept):
+    """Kept: a freed 256 MiB tensor stays resident (no unmap, so no page faults when the next step
+    allocates it again); otherwise glibc unmaps it and the resident size falls back."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OPENRRSIS_MALLOC", "MALLOC_MMAP_MAX_")}
+    proc = subprocess.run([sys.executable, "-c", _RSS_PROBE.format(root=str(ROOT))], capture_output=True, text=True,
+                          env={**clean, **env}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *_, got, grown = proc.stdout.splitlines()
+    assert got == state
+    assert (float(grown) > 200) if kept else (float(grown) < 50), proc.stdout
+
+
+def test_keep_freed_memory_leaves_other_devices_alone():
+    assert utils.keep_freed_memory("meta") == "not cpu"
