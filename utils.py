@@ -384,15 +384,15 @@ _TRIM_THRESHOLD = 2**31 - 1              # the largest value mallopt's int takes
 
 
 def keep_freed_memory(device: torch.device | str, log_prefix: str | None = None) -> str:
-    """On a CPU training run under glibc, keep freed buffers in the process instead of returning
-    them to the OS: ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, 2^31 - 1)``, the
-    runtime form of ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``.
+    """On a CPU under glibc (train.py, test.py, predict.py), keep freed buffers in the process
+    instead of returning them to the OS: ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD,
+    2^31 - 1)``, the runtime form of ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``.
 
     Why: glibc serves every block above its mmap threshold (128 KiB, rising to at most 32 MiB) with
-    a fresh ``mmap`` and unmaps it on free,
-    so each of a step's large activations (a Swin stage-1 attention map is 66 MB) is page-faulted
-    and zeroed again at every step; kept, the FIANet paper-setting CPU training step went from
-    8.6 to 7.8 s (peak RSS +4 %; BENCHMARKS.md). Returns what was done: ``"kept"``, or why not
+    a fresh ``mmap`` and unmaps it on free, so each of a step's large activations (a Swin stage-1
+    attention map is 66 MB) is page-faulted and zeroed again at every step; kept, the FIANet
+    paper-setting CPU training step went from 9.11 to 8.11 s and the eval forward from 2.75 to
+    2.43 s (peak RSS +3-8 %; BENCHMARKS.md, "CPU allocator"). Returns what was done: ``"kept"``, or why not
     (``"not cpu"``, ``"not glibc"``, ``"OPENRRSIS_MALLOC=default"``, ``"MALLOC_* set"`` when the user
     already chose glibc settings through the environment). With ``log_prefix`` one line is printed
     when it acts."""
@@ -412,7 +412,7 @@ def keep_freed_memory(device: torch.device | str, log_prefix: str | None = None)
         libc.gnu_get_libc_version  # noqa: B018 - present only in glibc (musl has mallopt too)
         ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
     except (OSError, AttributeError):
-        return "not glibc"
+        ok = False
     if not ok:
         return "not glibc"
     if log_prefix is not None:

@@ -610,12 +610,11 @@ def run_tiled_pass(reader: SceneReader, score: Scorer, sentences: Sequence[str],
     except Exception as e:  # noqa: BLE001 - any GDAL error: the partial rasters cannot be updated
         for wr in writers:
             wr.close()
-        if not resumed:
+        if not resumed or index is None:  # only a resumed pass (which has an index) may start over
             raise
-        warnings.warn(f"cannot resume from {index.path if index else 'the tile index'} ({type(e).__name__}: {e}); "
-                      "starting the pass again", stacklevel=2)
-        if index is not None:
-            index.remove()
+        warnings.warn(f"cannot resume from {index.path} ({type(e).__name__}: {e}); starting the pass again",
+                      stacklevel=2)
+        index.remove()
         for path in (*prob_paths, *label_paths):  # GDAL will not overwrite a file it cannot read
             Path(path).unlink(missing_ok=True)
         rows_done, states = 0, [None] * n
