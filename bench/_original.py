@@ -24,6 +24,8 @@ from typing import Callable
 from _common import ROOT, child_env
 
 SCRIPT = "ref_fianet_step.sh"
+# What the harness times: the original FIANet's eval forward and training step.
+MODEL, WHATS = "fianet", ("forward", "train")
 UNAVAILABLE = "comparison with the original unavailable: "
 
 
@@ -44,13 +46,18 @@ def find_harness(path: str | None) -> Path:
 
 def comparable(models: list[str], whats: list[str], setting: str, batch: int, threads: int, device: str) -> None:
     """Refuse a request the harness cannot match (it runs FIANet at the paper setting only)."""
-    if "fianet" not in models:
+    if MODEL not in models:
         raise HarnessError(f"the original harness times FIANet only (--model {','.join(models)})")
-    if not {"forward", "train"} & set(whats):
+    if not set(WHATS) & set(whats):
         raise HarnessError(f"the original harness times forward and train only (--what {','.join(whats)})")
     if setting != "paper" or batch != 2 or threads != 2 or not device.startswith("cpu"):
         raise HarnessError(f"the original runs at the paper setting, batch 2, 2 threads, on the CPU (got --setting "
                            f"{setting} --batch {batch} --threads {threads} --device {device})")
+
+
+def covers(model: str, what: str) -> bool:
+    """Whether the harness times this measurement (the others run as usual)."""
+    return model == MODEL and what in WHATS
 
 
 def run_harness(script: Path, what: str, passes: int, warmup: int, timeout: float | None = None) -> float:

@@ -233,7 +233,7 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> int:
     status = 0
     for model in models:
         for what in whats:
-            if script is not None and model == "fianet" and what in ("forward", "train"):
+            if script is not None and _original.covers(model, what):
                 ok, script = vs_original(args, argv, what, script)
                 status = status or (0 if ok else 1)
                 continue
